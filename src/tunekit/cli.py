@@ -1,0 +1,205 @@
+"""The `tunekit` command: `main(argv) -> int`, one small function per subcommand.
+
+Nothing heavy is imported here: torch/transformers are imported inside the commands that need them, so
+`tunekit --help` and `tunekit validate` start in well under a second. User mistakes arrive as `UserError` and are
+printed once as `error: ...` with exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from tunekit.errors import UserError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = _load(args)
+    from tunekit.train import train  # heavy imports only now that the config is known to be valid
+
+    train(config, overwrite=args.overwrite, resume=args.resume, force=args.force, config_path=args.config)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(f"ok: {args.config} is a valid {config.method} config (output_dir: {config.output_dir})")
+    return 0
+
+
+def cmd_inspect_data(args: argparse.Namespace) -> int:
+    config = _load(args)
+    from tunekit.data import inspect_data
+
+    print(inspect_data(config, num_samples=args.samples))
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    config = _load(args)
+    from tunekit.estimate import estimate, format_estimate
+
+    result = estimate(config, gpus=args.gpus, gpu_memory_gb=args.gpu_memory)
+    print(json.dumps(result, indent=2) if args.json else format_estimate(result))
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from tunekit.recommend import format_recommendation, recommend
+
+    result = recommend(
+        model_size_b=args.model_size,
+        gpus=args.gpus,
+        gpu_memory_gb=args.gpu_memory,
+        examples=args.examples,
+        objective=args.objective,
+        variants=args.variants,
+        budget_usd=args.budget,
+    )
+    print(json.dumps(result, indent=2) if args.json else format_recommendation(result))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from tunekit.merge import merge_run
+
+    merge_run(args.run_dir, args.out, dtype=args.dtype, base=args.base, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tunekit.export import export_run
+
+    export_run(
+        args.run_dir, args.out, fmt=args.format, dtype=args.dtype, max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+    )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tunekit.compare import compare
+
+    compare(args.config_a, args.config_b, budget=args.budget, amount=args.amount, out=args.out,
+            overrides=args.set, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_build_tiny(args: argparse.Namespace) -> int:
+    from tunekit.tiny import build_tiny_base, write_demo_task
+
+    base = build_tiny_base(args.out, preset=args.preset, force=args.force)
+    print(f"tiny base: {base}")
+    if args.demo_data:
+        paths = write_demo_task(args.demo_data)
+        print("demo data: " + ", ".join(f"{name}={path}" for name, path in paths.items()))
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    from tunekit import config as config_mod
+
+    config = config_mod.load(args.config, args.set or ())
+    for message in config_mod.trap_warnings(config):
+        print(f"warning: {message}", file=sys.stderr)
+    return config
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run config (YAML)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. training.max_steps=20")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunekit", description="Fine-tune language models: full (ZeRO-3), LoRA, QLoRA.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="validate, estimate, train, save, summarize")
+    _add_config(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output_dir")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="resume from the latest valid checkpoint in output_dir, or from CHECKPOINT")
+    p.add_argument("--force", action="store_true", help="start even when the memory estimate says it will not fit")
+
+    p = sub.add_parser("validate", help="check a config without importing torch")
+    _add_config(p)
+
+    p = sub.add_parser("inspect-data", help="render samples with loss tokens marked; report token shares")
+    _add_config(p)
+    p.add_argument("--samples", type=int, default=3, help="samples to render")
+
+    p = sub.add_parser("estimate", help="memory, time and cost before a run")
+    _add_config(p)
+    p.add_argument("--gpus", type=int, default=None, help="GPUs to shard over (default: config preflight.gpus or 1)")
+    p.add_argument("--gpu-memory", type=float, default=None, help="GB per GPU (default: config preflight or 80)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("recommend", help="full, LoRA or QLoRA? the seeds' decision rules")
+    p.add_argument("--model-size", type=float, required=True, help="billions of parameters")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU")
+    p.add_argument("--examples", type=int, required=True, help="training examples")
+    p.add_argument("--objective", choices=["instruction", "domain_knowledge", "task_specific"], required=True)
+    p.add_argument("--variants", type=int, default=1, help="fine-tuned variants to serve")
+    p.add_argument("--budget", type=float, default=None, help="training budget in USD")
+    p.add_argument("--json", action="store_true")
+
+    for name, help_text in (("merge", "merge a run's adapter into its base"), ("export", "export a run for serving")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("run_dir")
+        p.add_argument("--out", required=True)
+        p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="saved dtype (default: the run's)")
+        p.add_argument("--overwrite", action="store_true")
+        if name == "merge":
+            p.add_argument("--base", choices=["dequantized", "original"], default="dequantized",
+                           help="QLoRA: merge into the dequantized NF4 weights (trained against) or the original ones")
+        else:
+            p.add_argument("--format", choices=["merged", "adapter"], default="merged")
+            p.add_argument("--max-shard-size", default="5GB")
+
+    p = sub.add_parser("compare", help="two configs at equal compute, side by side")
+    p.add_argument("config_a")
+    p.add_argument("config_b")
+    p.add_argument("--budget", choices=["flops", "seconds", "steps"], default="flops")
+    p.add_argument("--amount", type=float, default=None, help="budget amount (default: config_a's full run)")
+    p.add_argument("--out", required=True, help="directory for both runs and the comparison report")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to both configs")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("build-tiny", help="build the tiny local base model (and demo data) used by demo and tests")
+    p.add_argument("--out", default="artifacts/tiny-base")
+    p.add_argument("--preset", choices=["demo", "test"], default="demo")
+    p.add_argument("--demo-data", default=None, metavar="DIR", help="also write the demo task's train/eval files here")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    return parser
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": cmd_train,
+    "validate": cmd_validate,
+    "inspect-data": cmd_inspect_data,
+    "estimate": cmd_estimate,
+    "recommend": cmd_recommend,
+    "merge": cmd_merge,
+    "export": cmd_export,
+    "compare": cmd_compare,
+    "build-tiny": cmd_build_tiny,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

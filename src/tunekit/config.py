@@ -1,0 +1,394 @@
+"""The run config: one YAML file, validated once by this pydantic schema, then passed around as a `RunConfig`.
+
+Every field carries its own doc (the `description`), HF names are used where HF has one, and method-specific settings
+live only in that method's section. `load(path, overrides)` turns every validation problem into one `UserError` line
+that names the file, the line and the dotted key. This module must not import torch (`tunekit validate` stays fast).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tunekit.errors import UserError
+
+SCHEMA_VERSION = 1
+METHODS = ("full", "lora", "qlora")
+# The seeds' learning-rate guidance: full FT 1e-5..5e-5 (higher risks forgetting), LoRA 1e-4..3e-4 (the adapter
+# starts at zero and must move fast).
+DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SECRET_WORDS = ("token", "key", "secret", "password")
+
+
+class Section(BaseModel):
+    """Base for every section: unknown keys are errors, defaults are validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(description="Local directory (or hub id, when a hub is reachable) of the base model.")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off: it executes arbitrary code.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype for training. auto: bfloat16 on a GPU that supports it, else float32."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
+        "sdpa", description="Attention kernel passed to from_pretrained."
+    )
+    add_tokens: list[str] = Field(
+        default_factory=list,
+        description="New tokens to add to the vocabulary. Embeddings are resized and, under LoRA/QLoRA, the new rows are trained.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when loading from a hub.")
+
+
+class SourceConfig(Section):
+    path: str = Field(description="A local .json/.jsonl/.parquet/.csv file, or a hub dataset name.")
+    format: Literal["alpaca", "chat", "prompt_completion", "text"] = Field(
+        description="alpaca: instruction/input/output; chat: messages rendered with the chat template; "
+        "prompt_completion: prompt/completion; text: raw text (loss on every token)."
+    )
+    weight: float = Field(1.0, gt=0, description="Relative share of this source in the mixed training set (by examples).")
+    split: str = Field("train", description="Split to read when `path` is a hub dataset.")
+    max_examples: int | None = Field(None, gt=0, description="Read at most this many examples from the source.")
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(min_length=1, description="Training sources, mixed by `weight`.")
+    eval_path: str | None = Field(None, description="Held-out eval file, in the format of the first source.")
+    eval_fraction: float = Field(
+        0.05, ge=0, lt=1, description="When no eval_path: fraction of the first source held out for eval (0 disables eval)."
+    )
+    max_seq_len: int = Field(512, gt=0, description="Tokens per example; longer examples are truncated (and counted).")
+    packing: bool = Field(False, description="Pack several examples per row (no attention across examples).")
+    completion_only_loss: bool = Field(True, description="Loss only on completion/assistant tokens, not on prompts.")
+    cache_dir: str | None = Field(None, description="Tokenization cache; default ~/.cache/tunekit/data.")
+    seed: int = Field(0, description="Seed for the eval split and the mixing draw.")
+
+
+class LoraConfig(Section):
+    r: int = Field(16, gt=0, description="Adapter rank. Seeds: 4-8 simple/small data, 16-32 instruction tuning, 64-128 large domain data.")
+    alpha: float | None = Field(None, gt=0, description="Scaling numerator (scale = alpha/r). Default 2*r: alpha == r trains slowly.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(ALL_LINEAR), description="Modules to adapt; default every linear projection."
+    )
+    train_new_token_embeddings: bool = Field(
+        True, description="With model.add_tokens: train the new embedding rows (peft trainable tokens)."
+    )
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.r
+
+
+class QloraConfig(Section):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (~0.4 bits/param saved).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Dtype the 4-bit weights are dequantized to for matmuls.")
+
+
+class DeepSpeedConfig(Section):
+    config: dict[str, Any] | str | None = Field(
+        None, description="A DeepSpeed config: inline dict or path to a JSON file. Default: generated ZeRO config."
+    )
+    stage: Literal[0, 1, 2, 3] = Field(3, description="ZeRO stage when tunekit generates the config.")
+    offload_optimizer: bool = Field(False, description="Offload optimizer states to CPU memory.")
+    offload_param: bool = Field(False, description="Offload parameters to CPU memory (stage 3 only).")
+
+
+class TrainingConfig(Section):
+    learning_rate: float | None = Field(None, gt=0, description="Peak LR. Default: 2e-5 for full, 2e-4 for LoRA/QLoRA.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs over the mixed training set (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps; -1 means run num_train_epochs.")
+    per_device_train_batch_size: int = Field(8, gt=0, description="Micro-batch size per device.")
+    per_device_eval_batch_size: int = Field(8, gt=0, description="Eval batch size per device.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts"] = Field(
+        "cosine", description="LR schedule after warmup."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent in linear warmup (seeds: 3%).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~20-40% slower.")
+    optim: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"] = Field(
+        "adamw_torch", description="Optimizer (transformers name). paged_adamw_8bit is the QLoRA paper's choice."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Mixed precision. auto: bf16 on a GPU that supports it, fp32 on CPU."
+    )
+    seed: int = Field(42, description="Seed for init, dropout and data order.")
+    logging_steps: int = Field(10, gt=0, description="Log train loss every this many steps.")
+
+
+class CheckpointsConfig(Section):
+    save_steps: int = Field(500, gt=0, description="Save (and evaluate) every this many optimizer steps.")
+    keep_top_k: int = Field(3, ge=0, description="Keep the k best checkpoints by `metric`.")
+    keep_last_n: int = Field(2, ge=1, description="Also keep the n newest checkpoints (the newest is always kept).")
+    metric: str = Field("eval_loss", description="Logged metric that ranks checkpoints.")
+    greater_is_better: bool = Field(False, description="Direction of `metric`.")
+    check_free_disk: bool = Field(True, description="Before each save, refuse to start it if the disk cannot hold it.")
+
+
+class EvalConfig(Section):
+    task_metric: Literal["exact_match", "none"] = Field(
+        "exact_match", description="Generation metric on held-out prompts, before and after training."
+    )
+    task_samples: int = Field(64, gt=0, description="Held-out examples scored by the task metric.")
+    max_new_tokens: int = Field(32, gt=0, description="Generation length for the task metric.")
+    general: str | None = Field(None, description="General-text eval file (format text): its loss is the forgetting monitor.")
+    forgetting_threshold: float = Field(0.10, ge=0, description="Flag forgetting when general loss rises by more than this fraction over the base model's.")
+    rank_spectrum: bool = Field(True, description="LoRA/QLoRA: record singular values of B@A at each eval.")
+
+
+class LoggingConfig(Section):
+    report_to: list[Literal["none", "wandb", "tensorboard"]] = Field(
+        default_factory=lambda: ["none"], description="Trackers; several at once. wandb honours WANDB_MODE=offline."
+    )
+    project: str = Field("tunekit", description="Tracker project name.")
+    run_name: str | None = Field(None, description="Tracker run name; default: output_dir's name.")
+
+
+class PreflightConfig(Section):
+    gpus: int | None = Field(None, gt=0, description="GPUs to estimate for; default: the ones visible.")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="Memory per GPU; default: the visible GPU's.")
+    refuse_if_too_big: bool = Field(True, description="Refuse to start a run the estimate says cannot fit.")
+    usd_per_gpu_hour: float = Field(3.0, ge=0, description="Price for the cost estimate (seeds: A100 ~$3/h).")
+
+
+class RunConfig(Section):
+    schema_version: int = Field(SCHEMA_VERSION, description="Config schema version (written by tunekit into saved configs).")
+    method: Literal["full", "lora", "qlora"] = Field(description="full (DeepSpeed ZeRO-3), lora, or qlora (4-bit NF4 base + LoRA).")
+    output_dir: str = Field(description="Run directory: config, checkpoints, final/, summary.json, report.md.")
+    model: ModelConfig
+    data: DataConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (lora and qlora methods).")
+    qlora: QloraConfig = Field(default_factory=QloraConfig, description="4-bit quantization settings (qlora method).")
+    deepspeed: DeepSpeedConfig | None = Field(None, description="DeepSpeed. Default for full: ZeRO-3. Optional for lora/qlora (multi-GPU).")
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    preflight: PreflightConfig = Field(default_factory=PreflightConfig)
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value > SCHEMA_VERSION:
+            raise ValueError(f"written by a newer tunekit (schema {value} > {SCHEMA_VERSION})")
+        return value
+
+    @model_validator(mode="after")
+    def _method_rules(self) -> RunConfig:
+        if self.method == "full" and self.deepspeed is None:
+            self.deepspeed = DeepSpeedConfig()
+        if self.deepspeed is not None and self.deepspeed.offload_param and self.deepspeed.stage != 3:
+            raise ValueError("deepspeed.offload_param needs deepspeed.stage 3")
+        if self.method == "qlora" and self.deepspeed is not None and self.deepspeed.stage == 3 and self.deepspeed.config is None:
+            # bitsandbytes 4-bit weights cannot be partitioned by ZeRO-3's zero.Init in these versions.
+            raise ValueError("deepspeed.stage: 3 conflicts with method qlora (4-bit weights cannot be ZeRO-3 sharded); use stage 2 or drop deepspeed")
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        return self.training.learning_rate if self.training.learning_rate is not None else DEFAULT_LR[self.method]
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as a plain dict, with any secret-looking values replaced (for config.yaml and logs)."""
+        return redact(self.model_dump(mode="json"))
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """Replace values under secret-looking keys (token, api_key, ...) with '<redacted>'."""
+    if isinstance(value, dict):
+        return {k: redact(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    if value and any(word in key.lower() for word in SECRET_WORDS) and isinstance(value, str):
+        return "<redacted>"
+    return value
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read, override (`dotted.key=value`), validate and return the config.
+
+    Raises UserError with one line `FILE:LINE: KEY: problem` for anything wrong.
+    Relative paths inside the config (model, data, deepspeed json) stay as written: they resolve from the cwd.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+        lines = _key_lines(yaml.compose(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the config must be a YAML mapping of sections")
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_describe(exc, path, lines)) from None
+    _check_paths(config, path, lines)
+    return config
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    """`training.max_steps=20` → raw['training']['max_steps'] = 20 (the value parsed as YAML)."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected dotted.key=value")
+    key, value = item.split("=", 1)
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
+    """Map every dotted key path (list items by index) to its 1-based line in the YAML file."""
+    lines: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = prefix + (key_node.value,)
+            lines[path] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[prefix + (index,)] = item.start_mark.line + 1
+            lines.update(_key_lines(item, prefix + (index,)))
+    return lines
+
+
+def _line_for(loc: tuple, lines: dict[tuple, int]) -> int | None:
+    """The line of the deepest existing prefix of `loc` (a missing key points at its section)."""
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
+
+
+def _describe(exc: ValidationError, path: Path, lines: dict[tuple, int]) -> str:
+    """One line for the first validation error: file:line: dotted.key: what is wrong."""
+    error = exc.errors()[0]
+    loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and "[" in part))
+    key = ".".join(str(part) for part in loc) or "(top level)"
+    line = _line_for(loc, lines)
+    where = f"{path}:{line}" if line else str(path)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        message = f"unknown key '{loc[-1]}'" + _did_you_mean(loc)
+    elif kind == "missing":
+        message = "required key is missing"
+    else:
+        message = error["msg"].removeprefix("Value error, ")
+        if "input" in error and not isinstance(error["input"], (dict, list)):
+            message += f" (got {error['input']!r})"
+    more = len(exc.errors()) - 1
+    suffix = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{where}: {key}: {message}{suffix}"
+
+
+def _section_for(loc: tuple) -> type[BaseModel] | None:
+    """Walk the schema along `loc` (minus its last key) to find the model that rejected the key."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            for candidate in candidates:
+                for arg in getattr(candidate, "__args__", ()):
+                    if isinstance(arg, type) and issubclass(arg, BaseModel):
+                        nested.append(arg)
+        if not nested:
+            return None
+        model = nested[0]
+    return model
+
+
+def _did_you_mean(loc: tuple) -> str:
+    model = _section_for(loc)
+    if model is None:
+        return ""
+    match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _check_paths(config: RunConfig, path: Path, lines: dict[tuple, int]) -> None:
+    """Local files the config names must exist (hub names are left to the loaders)."""
+
+    def fail(loc: tuple, message: str) -> None:
+        line = _line_for(loc, lines)
+        where = f"{path}:{line}" if line else str(path)
+        raise UserError(f"{where}: {'.'.join(map(str, loc))}: {message}")
+
+    if looks_local(config.model.name_or_path) and not Path(config.model.name_or_path).is_dir():
+        fail(("model", "name_or_path"), f"model directory not found: {config.model.name_or_path}")
+    for index, source in enumerate(config.data.sources):
+        if looks_local(source.path) and not Path(source.path).is_file():
+            fail(("data", "sources", index, "path"), f"data file not found: {source.path}")
+    for loc, value in ((("data", "eval_path"), config.data.eval_path), (("eval", "general"), config.eval.general)):
+        if value is not None and not Path(value).is_file():
+            fail(loc, f"data file not found: {value}")
+    if config.deepspeed is not None and isinstance(config.deepspeed.config, str):
+        ds_path = Path(config.deepspeed.config)
+        if not ds_path.is_file():
+            fail(("deepspeed", "config"), f"DeepSpeed JSON not found: {ds_path}")
+        try:
+            json.loads(ds_path.read_text())
+        except json.JSONDecodeError as exc:
+            fail(("deepspeed", "config"), f"{ds_path}:{exc.lineno}: DeepSpeed JSON does not parse: {exc.msg}")
+
+
+def looks_local(name: str) -> bool:
+    """A path (./x, /x, x/y/z, or anything that exists) rather than a hub id like 'org/name'."""
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") != 1
+
+
+def trap_warnings(config: RunConfig) -> list[str]:
+    """Known traps from the seeds: legal, but usually a mistake. Returned as messages (the CLI prints them)."""
+    messages = []
+    uses_lora = config.method in ("lora", "qlora")
+    if uses_lora and config.lora.alpha is not None and config.lora.alpha == config.lora.r:
+        messages.append(
+            f"lora.alpha == lora.r ({config.lora.r}): scale 1.0 trains slowly; the usual choice is alpha = 2*r"
+        )
+    if uses_lora and config.training.learning_rate is not None and config.training.learning_rate < 5e-5:
+        messages.append(
+            f"training.learning_rate {config.training.learning_rate:g} is in the full fine-tuning range; "
+            "LoRA adapters start at zero and usually need 1e-4..3e-4"
+        )
+    if config.method == "full" and config.training.learning_rate is not None and config.training.learning_rate > 1e-4:
+        messages.append(
+            f"training.learning_rate {config.training.learning_rate:g} is high for full fine-tuning "
+            "(seeds: 1e-5..5e-5); it risks catastrophic forgetting"
+        )
+    if config.method == "full" and len(config.data.sources) == 1 and config.data.sources[0].format != "text":
+        messages.append(
+            "full fine-tuning on one narrow source: mix 5-10% general text (a second data.sources entry) "
+            "to limit catastrophic forgetting"
+        )
+    return messages
