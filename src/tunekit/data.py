@@ -1,0 +1,372 @@
+"""The one data pipeline every backend uses: read → check → split → mix → tokenize with loss masks → cache.
+
+Every example becomes a list of (text, carries_loss) segments, tokenized segment by segment, so that the loss mask
+is exact and the same for all four formats:
+  alpaca             "### Instruction: ... ### Response:\n" (no loss) + output + eos (loss)
+  prompt_completion  prompt (no loss) + completion + eos (loss)
+  text               text + eos (loss everywhere)
+  chat               the tokenizer's chat template; each assistant turn (with its end-of-turn token) carries loss
+The result is a `datasets.Dataset` with `input_ids` and `labels` (-100 where no loss), already truncated to
+`data.max_seq_len`; TRL's SFTTrainer takes it as is and packs it when `data.packing` is on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunekit.config import RunConfig, SourceConfig, looks_local
+from tunekit.errors import UserError
+
+IGNORE_INDEX = -100  # label value that the loss skips
+CACHE_VERSION = 1  # bump when tokenization changes, so stale caches are not reused
+REQUIRED_FIELDS = {
+    "alpaca": ("instruction", "output"),
+    "chat": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+@dataclass
+class PreparedData:
+    """What the trainer needs: tokenized splits, the task metric's held-out prompts, and per-source statistics."""
+
+    train: Any  # datasets.Dataset with input_ids, labels
+    eval: Any | None
+    eval_pairs: list[tuple[str, str]] = field(default_factory=list)  # (prompt text, expected completion)
+    stats: dict[str, dict] = field(default_factory=dict)  # source path -> counts and token share
+
+
+# ---------------------------------------------------------------- reading and checking
+
+
+def read_rows(path: str, fmt: str, split: str = "train", max_examples: int | None = None) -> list[dict]:
+    """Rows of a local JSON/JSONL/Parquet/CSV file (or a hub dataset), each checked for `fmt`'s fields.
+
+    Raises UserError naming FILE:LINE (or FILE row N) for a bad JSON line, a missing field, or an empty file.
+    """
+    if not looks_local(path):
+        rows = _read_hub(path, split)
+    else:
+        suffix = Path(path).suffix.lower()
+        if suffix == ".jsonl":
+            rows = _read_jsonl(path)
+        elif suffix == ".json":
+            rows = _read_json(path)
+        elif suffix in (".parquet", ".csv"):
+            import datasets
+
+            rows = datasets.load_dataset(suffix[1:], data_files=path, split="train").to_list()
+        else:
+            raise UserError(f"{path}: unsupported data file type '{suffix}' (use .jsonl, .json, .parquet or .csv)")
+    if not rows:
+        raise UserError(f"{path}: no examples (empty file)")
+    line_of = (lambda i: f"{path}:{i + 1}") if path.endswith((".jsonl", ".json")) else (lambda i: f"{path} row {i + 1}")
+    for index, row in enumerate(rows):
+        _check_row(row, fmt, line_of(index))
+    return rows[:max_examples] if max_examples else rows
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{number}: bad JSON line: {exc.msg}") from None
+    return rows
+
+
+def _read_json(path: str) -> list[dict]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: bad JSON: {exc.msg}") from None
+    if isinstance(data, dict):  # {"data": [...]}-style files
+        lists = [value for value in data.values() if isinstance(value, list)]
+        data = lists[0] if len(lists) == 1 else None
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of examples")
+    return data
+
+
+def _read_hub(name: str, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split).to_list()
+    except Exception as exc:  # the hub client raises many types; the user needs one line
+        raise UserError(f"{name}: could not load dataset (split {split}): {str(exc).splitlines()[0]}") from None
+
+
+def _check_row(row: Any, fmt: str, where: str) -> None:
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for name in REQUIRED_FIELDS[fmt]:
+        if row.get(name) is None:
+            guess = next((other for other, names in REQUIRED_FIELDS.items() if all(n in row for n in names)), None)
+            hint = f" (this row looks like format '{guess}')" if guess and guess != fmt else ""
+            raise UserError(f"{where}: missing field '{name}' for format '{fmt}'{hint}")
+    if fmt == "chat":
+        messages = row["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise UserError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise UserError(f"{where}: chat example has no assistant message to learn from")
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def segments(row: dict, fmt: str, tokenizer) -> list[tuple[str, bool]]:
+    """The example as (text, carries_loss) pieces, in order; eos/end-of-turn tokens are inside the loss pieces."""
+    eos = tokenizer.eos_token or ""
+    if fmt == "alpaca":
+        return [(alpaca_prompt(row), False), (str(row["output"]) + eos, True)]
+    if fmt == "prompt_completion":
+        return [(str(row["prompt"]), False), (str(row["completion"]) + eos, True)]
+    if fmt == "text":
+        return [(str(row["text"]) + eos, True)]
+    return _chat_segments(row["messages"], tokenizer)
+
+
+def alpaca_prompt(row: dict) -> str:
+    template = ALPACA_PROMPT_WITH_INPUT if row.get("input") else ALPACA_PROMPT
+    return template.format(instruction=row["instruction"], input=row.get("input", ""))
+
+
+def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
+    """Split the rendered chat into prompt and assistant pieces by rendering growing prefixes of the conversation.
+
+    Works with any template that renders a prefix of the conversation as a prefix of the text (true of the common
+    ones); assistant pieces run from the generation prompt to the end of that turn, end-of-turn token included.
+    """
+    if tokenizer.chat_template is None:
+        raise UserError("format 'chat' needs a tokenizer with a chat template (model.name_or_path has none)")
+
+    def render(upto: int, generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)
+
+    pieces: list[tuple[str, bool]] = []
+    done = ""  # text already assigned to pieces
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt_end, turn_end = render(index, True), render(index + 1, False)
+        if not (prompt_end.startswith(done) and turn_end.startswith(prompt_end)):
+            raise UserError("the chat template does not render conversation prefixes as text prefixes; use format 'prompt_completion'")
+        pieces += [(prompt_end[len(done):], False), (turn_end[len(prompt_end):], True)]
+        done = turn_end
+    rest = render(len(messages), False)[len(done):]
+    return [piece for piece in pieces + [(rest, False)] if piece[0]]
+
+
+def eval_pair(row: dict, fmt: str, tokenizer) -> tuple[str, str] | None:
+    """(prompt, expected completion) for the generation metric; None for raw text, which has no prompt."""
+    if fmt == "alpaca":
+        return alpaca_prompt(row), str(row["output"])
+    if fmt == "prompt_completion":
+        return str(row["prompt"]), str(row["completion"])
+    if fmt == "chat":
+        last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+        prompt = tokenizer.apply_chat_template(row["messages"][:last], tokenize=False, add_generation_prompt=True)
+        return prompt, str(row["messages"][last]["content"])
+    return None
+
+
+def tokenize(pieces: list[tuple[str, bool]], tokenizer, max_seq_len: int, completion_only: bool) -> dict:
+    """input_ids/labels for one example, truncated to max_seq_len (keep the start); reports what was cut.
+
+    A bos token is prepended when the tokenizer has one and the text does not already start with it (chat templates
+    usually write it themselves).
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    bos = tokenizer.bos_token
+    if bos and not pieces[0][0].startswith(bos):
+        input_ids.append(tokenizer.bos_token_id)
+        labels.append(IGNORE_INDEX)
+    for text, carries_loss in pieces:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids += ids
+        labels += ids if (carries_loss or not completion_only) else [IGNORE_INDEX] * len(ids)
+    cut = max(0, len(input_ids) - max_seq_len)
+    return {"input_ids": input_ids[:max_seq_len], "labels": labels[:max_seq_len], "tokens_cut": cut}
+
+
+# ---------------------------------------------------------------- splitting, mixing, caching
+
+
+def prepare_data(config: RunConfig, tokenizer) -> PreparedData:
+    """Tokenized train/eval sets for the run, mixed by source weight, with each source's statistics."""
+    data = config.data
+    rng = random.Random(data.seed)
+    per_source: list[tuple[SourceConfig, list[dict]]] = []
+    eval_rows: list[dict] = []
+    for index, source in enumerate(data.sources):
+        rows = read_rows(source.path, source.format, source.split, source.max_examples)
+        if index == 0 and data.eval_path is None and data.eval_fraction > 0:
+            rows = rows[:]
+            rng.shuffle(rows)
+            held = max(1, int(len(rows) * data.eval_fraction))
+            if held >= len(rows):
+                raise UserError(f"data.eval_fraction: {source.path} has {len(rows)} examples, too few to hold out {held}")
+            eval_rows, rows = rows[:held], rows[held:]
+        per_source.append((source, rows))
+    if data.eval_path is not None:
+        eval_rows = read_rows(data.eval_path, data.sources[0].format)
+
+    mixed = mix(per_source, rng)
+    eval_format = data.sources[0].format
+    train_examples, stats = [], {}
+    for source, rows in mixed:
+        encoded = _encode_cached(rows, source.format, tokenizer, config)
+        stats[source.path] = _source_stats(encoded, len(rows))
+        # Examples whose loss tokens were all truncated away would train nothing: dropped, and counted in stats.
+        train_examples += [e for e in encoded if has_loss(e)]
+    total_tokens = sum(s["tokens"] for s in stats.values()) or 1
+    for s in stats.values():
+        s["token_share"] = s["tokens"] / total_tokens
+    rng.shuffle(train_examples)
+    eval_encoded = [e for e in _encode_cached(eval_rows, eval_format, tokenizer, config) if has_loss(e)] if eval_rows else []
+
+    import datasets
+
+    def as_dataset(examples: list[dict]):
+        return datasets.Dataset.from_dict(
+            {"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]}
+        )
+
+    pairs = [pair for row in eval_rows if (pair := eval_pair(row, eval_format, tokenizer)) is not None]
+    return PreparedData(
+        train=as_dataset(train_examples),
+        eval=as_dataset(eval_encoded) if eval_encoded else None,
+        eval_pairs=pairs[: config.eval.task_samples],
+        stats=stats,
+    )
+
+
+def mix(per_source: list[tuple[SourceConfig, list[dict]]], rng: random.Random) -> list[tuple[SourceConfig, list[dict]]]:
+    """Draw from each source so its share of examples equals weight/sum(weights), using as much data as possible
+    without repeating any example: the mixed size is the largest N with N*share_i <= len(source_i) for every i."""
+    total_weight = sum(source.weight for source, _ in per_source)
+    shares = [source.weight / total_weight for source, _ in per_source]
+    size = min(len(rows) / share for (_, rows), share in zip(per_source, shares))
+    mixed = []
+    for (source, rows), share in zip(per_source, shares):
+        count = min(len(rows), max(1, round(size * share)))
+        mixed.append((source, rng.sample(rows, count) if count < len(rows) else rows))
+    return mixed
+
+
+def has_loss(example: dict) -> bool:
+    return any(label != IGNORE_INDEX for label in example["labels"])
+
+
+def _source_stats(encoded: list[dict], examples: int) -> dict:
+    kept = [e for e in encoded if has_loss(e)]
+    return {
+        "examples": examples,
+        "dropped_no_loss_tokens": examples - len(kept),
+        "truncated": sum(1 for e in encoded if e["tokens_cut"]),
+        "tokens_cut": sum(e["tokens_cut"] for e in encoded),
+        "tokens": sum(len(e["input_ids"]) for e in kept),
+        "loss_tokens": sum(sum(1 for label in e["labels"] if label != IGNORE_INDEX) for e in kept),
+    }
+
+
+def _encode_cached(rows: list[dict], fmt: str, tokenizer, config: RunConfig) -> list[dict]:
+    """Tokenize rows, reusing a cache keyed by the rows, the format, the tokenizer and the masking settings."""
+    key_material = json.dumps(
+        [CACHE_VERSION, fmt, config.data.max_seq_len, config.data.completion_only_loss, _tokenizer_fingerprint(tokenizer), rows],
+        sort_keys=True, default=str,
+    )
+    key = hashlib.sha256(key_material.encode()).hexdigest()[:24]
+    cache_root = Path(config.data.cache_dir or os.environ.get("TUNEKIT_DATA_CACHE", Path.home() / ".cache" / "tunekit" / "data"))
+    cache_file = cache_root / f"{key}.jsonl"
+    if cache_file.is_file():
+        with open(cache_file, encoding="utf-8") as handle:
+            encoded = [json.loads(line) for line in handle]
+    else:
+        from tqdm.auto import tqdm
+
+        encoded = [
+            tokenize(segments(row, fmt, tokenizer), tokenizer, config.data.max_seq_len, config.data.completion_only_loss)
+            for row in tqdm(rows, desc=f"tokenizing ({fmt})", leave=False, disable=len(rows) < 2000)
+        ]
+        _write_atomically(cache_file, "".join(json.dumps(e) + "\n" for e in encoded))
+    return encoded
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = [tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token, type(tokenizer).__name__]
+    return hashlib.sha256((vocab + json.dumps(extra, default=str)).encode()).hexdigest()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write to a temp name and rename: concurrent ranks or a crash never leave a half-written cache file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- inspection
+
+
+def inspect_data(config: RunConfig, num_samples: int = 3) -> str:
+    """A text report: a few formatted samples with loss tokens marked «like this», the end-of-turn check, and each
+    source's token share after truncation and mixing."""
+    from tunekit.backends.common import load_tokenizer
+
+    tokenizer = load_tokenizer(config)
+    prepared = prepare_data(config, tokenizer)
+    lines = [f"tokenizer: {config.model.name_or_path}  (eos={tokenizer.eos_token!r}, bos={tokenizer.bos_token!r})", ""]
+    for number in range(min(num_samples, len(prepared.train))):
+        example = prepared.train[number]
+        lines += [f"--- sample {number + 1} ({len(example['input_ids'])} tokens; «...» = carries loss)",
+                  render_with_mask(example["input_ids"], example["labels"], tokenizer), ""]
+    eos_trained = sum(
+        1 for e in prepared.train if tokenizer.eos_token_id in [l for l in e["labels"] if l != IGNORE_INDEX]
+    )
+    lines.append(f"end-of-sequence token {tokenizer.eos_token!r} carries loss in {eos_trained}/{len(prepared.train)} examples"
+                 + ("" if eos_trained else "  <-- WARNING: the model will not learn to stop"))
+    lines += ["", f"{'source':<40} {'examples':>8} {'tokens':>9} {'loss tok':>9} {'share':>6} {'truncated':>9} {'dropped':>7}"]
+    for path, s in prepared.stats.items():
+        lines.append(f"{path[-40:]:<40} {s['examples']:>8} {s['tokens']:>9} {s['loss_tokens']:>9} "
+                     f"{s['token_share']:>6.1%} {s['truncated']:>9} {s['dropped_no_loss_tokens']:>7}")
+    lines.append(f"eval: {len(prepared.eval) if prepared.eval is not None else 0} examples, "
+                 f"{len(prepared.eval_pairs)} prompts for the task metric")
+    return "\n".join(lines)
+
+
+def render_with_mask(input_ids: list[int], labels: list[int], tokenizer) -> str:
+    """Decode the example, wrapping each run of loss-carrying tokens in «»."""
+    out, in_loss, run = [], False, []
+
+    def flush():
+        if run:
+            text = tokenizer.decode(run)
+            out.append(f"«{text}»" if in_loss else text)
+
+    for token, label in zip(input_ids, labels):
+        carries = label != IGNORE_INDEX
+        if carries != in_loss:
+            flush()
+            run, in_loss = [], carries
+        run.append(token)
+    flush()
+    return "".join(out)

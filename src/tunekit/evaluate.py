@@ -1,0 +1,52 @@
+"""Task metrics computed by generating from a model (plain or peft-wrapped)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def generate_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
+                         batch_size: int = 16) -> list[str]:
+    """Return the greedy completion of each prompt: the new tokens up to (not including) eos, decoded and stripped.
+
+    Each prompt is tokenized without special tokens and bos is put first explicitly, as in the training data.
+    Batches are left-padded so every row's new tokens start at the same column. The tokenizer's padding side and the
+    model's training mode are restored afterwards."""
+    import torch
+
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    device = next(model.parameters()).device
+    was_training, padding_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    completions: list[str] = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(prompts), batch_size):
+                chunk = list(prompts[start:start + batch_size])
+                ids = [[bos] + row for row in tokenizer(chunk, add_special_tokens=False)["input_ids"]]
+                batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")  # left-padded [b, max_prompt_len]
+                input_ids = batch["input_ids"].to(device)
+                out = model.generate(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device),
+                                     max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                                     pad_token_id=pad)
+                for row in out[:, input_ids.shape[1]:].tolist():  # new tokens only
+                    if eos in row:
+                        row = row[: row.index(eos)]
+                    completions.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return completions
+
+
+def exact_match(model, tokenizer, pairs: Sequence[tuple[str, str]], max_new_tokens: int = 32,
+                batch_size: int = 16) -> float:
+    """Return the fraction (0..1) of (prompt, expected) pairs whose greedy completion equals expected.strip().
+
+    Returns 0.0 for no pairs."""
+    if not pairs:
+        return 0.0
+    got = generate_completions(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size)
+    return sum(g == expected.strip() for g, (_, expected) in zip(got, pairs)) / len(pairs)

@@ -1,0 +1,175 @@
+"""The training recipe: validate → estimate → data → backend → train → save → summarize.
+
+`train(config)` is the whole story in one screen; each step is a named helper below it. The same function runs in a
+single process (`tunekit train`) and in every rank under `accelerate launch -m tunekit train` (DeepSpeed/DDP):
+steps that write files happen on the main process only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from tunekit import rundir
+from tunekit.backends import full, lora
+from tunekit.backends.common import count_params, load_tokenizer, training_arguments
+from tunekit.callbacks import build_callbacks, peak_memory_bytes
+from tunekit.config import RunConfig
+from tunekit.data import prepare_data
+from tunekit.errors import UserError
+
+# method -> function(config, tokenizer) -> model ready to train. QLoRA is LoRA with a 4-bit base.
+BACKENDS = {"full": full.build_model, "lora": lora.build_model, "qlora": lora.build_model}
+
+
+def train(config: RunConfig, overwrite: bool = False, resume: str | None = None, force: bool = False,
+          config_path: str | None = None) -> dict:
+    """Run one fine-tuning job; returns the summary (also written to OUTPUT_DIR/summary.json)."""
+    started = time.time()
+    rundir.check_output_dir(config.output_dir, overwrite, resume)
+    preflight = run_preflight(config, force)
+    tokenizer = load_tokenizer(config)
+    data = prepare_data(config, tokenizer)  # all data errors surface here, before anything is written
+    args = training_arguments(config, full.deepspeed_config(config))  # before the model: ZeRO-3 shards at load
+    model = BACKENDS[config.method](config, tokenizer)
+    if args.process_index == 0:
+        rundir.create(config, overwrite, resume)
+    metric_before = task_metric(model, tokenizer, data, config)
+    trainer = build_trainer(config, args, model, tokenizer, data, metric_before)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(config, resume))
+    final_dir = save_final(trainer, tokenizer, config)
+    eval_loss = trainer.evaluate()["eval_loss"] if data.eval is not None else None
+    metric_after = task_metric(model, tokenizer, data, config)
+    summary = summarize(config, trainer, data, preflight, metric_before, metric_after, eval_loss, started, final_dir)
+    if trainer.is_world_process_zero():
+        rundir.write_json(Path(config.output_dir) / "summary.json", summary)
+        write_run_report(config, trainer, summary)
+        print_summary(summary)
+    return summary
+
+
+def run_preflight(config: RunConfig, force: bool) -> dict | None:
+    """Memory/cost estimate for this machine; refuses (UserError) when it cannot fit unless --force."""
+    try:
+        from tunekit.estimate import format_estimate, preflight_check
+    except ImportError:  # estimate module not built yet
+        return None
+    result = preflight_check(config, force=force)
+    if result is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(format_estimate(result))
+    return result
+
+
+def task_metric(model, tokenizer, data, config: RunConfig) -> float | None:
+    """Held-out generation metric (exact match) or None when the config turns it off or there are no prompts."""
+    if config.eval.task_metric == "none" or not data.eval_pairs:
+        return None
+    from tunekit.evaluate import exact_match
+
+    return exact_match(model, tokenizer, data.eval_pairs, max_new_tokens=config.eval.max_new_tokens,
+                       batch_size=config.training.per_device_eval_batch_size)
+
+
+def build_trainer(config: RunConfig, args, model, tokenizer, data, metric_before):
+    from trl import SFTTrainer
+
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        callbacks=build_callbacks(config, tokenizer),
+    )
+
+
+def resume_checkpoint(config: RunConfig, resume: str | None) -> str | None:
+    """None (fresh run), the newest complete checkpoint in output_dir ('latest'), or the path given."""
+    if resume is None:
+        return None
+    from tunekit.callbacks import latest_complete_checkpoint
+
+    if resume != "latest":
+        if not Path(resume).is_dir():
+            raise UserError(f"--resume: checkpoint not found: {resume}")
+        return resume
+    latest = latest_complete_checkpoint(config.output_dir)
+    if latest is None:
+        raise UserError(f"--resume: no complete checkpoint in {config.output_dir}")
+    return str(latest)
+
+
+def save_final(trainer, tokenizer, config: RunConfig) -> Path:
+    """OUTPUT_DIR/final: the adapter (LoRA/QLoRA) or the consolidated model (full), plus the tokenizer.
+
+    Written under a temporary name and renamed, so a crash mid-save never leaves a `final/` that looks complete.
+    """
+    final_dir = Path(config.output_dir) / "final"
+    tmp_dir = Path(config.output_dir) / "final.tmp"
+    trainer.save_model(str(tmp_dir))  # collective under ZeRO-3: every rank must call it
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(tmp_dir))
+        if final_dir.exists():
+            import shutil
+
+            shutil.rmtree(final_dir)
+        os.replace(tmp_dir, final_dir)
+    trainer.accelerator.wait_for_everyone()
+    return final_dir
+
+
+def summarize(config: RunConfig, trainer, data, preflight, metric_before, metric_after, eval_loss, started,
+              final_dir) -> dict:
+    """The run's headline numbers, as written to summary.json."""
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    runtime = next((e["train_runtime"] for e in reversed(trainer.state.log_history) if "train_runtime" in e), None)
+    trainable, total = count_params(trainer.model)
+    summary = {
+        "method": config.method,
+        "steps": trainer.state.global_step,
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "eval_loss": eval_loss,
+        "task_metric_name": None if config.eval.task_metric == "none" else config.eval.task_metric,
+        "task_metric_before": metric_before,
+        "task_metric_after": metric_after,
+        "trainable_params": trainable,
+        "total_params": total,
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "tokens_per_second": trainer.state.num_input_tokens_seen / runtime if runtime else None,
+        "peak_memory_bytes": peak_memory_bytes(),
+        "wall_seconds": time.time() - started,
+        "world_size": trainer.args.world_size,
+        "final_dir": str(final_dir),
+        "data": data.stats,
+    }
+    summary.update(full.summary_fields(config, trainer))
+    summary.update(lora.summary_fields(config, trainer))
+    for callback in trainer.callback_handler.callbacks:
+        summary.update(getattr(callback, "summary_fields", dict)())
+    if preflight is not None:
+        summary["estimated_peak_bytes_per_device"] = preflight.get("per_device_total")
+    return summary
+
+
+def write_run_report(config: RunConfig, trainer, summary: dict) -> None:
+    try:
+        from tunekit.report import write_report
+    except ImportError:
+        return
+    extras = {}
+    for callback in trainer.callback_handler.callbacks:
+        extras.update(getattr(callback, "report_fields", dict)())
+    write_report(config.output_dir, summary, trainer.state.log_history, **extras)
+
+
+def print_summary(summary: dict) -> None:
+    def fmt(value):
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    keys = ["method", "steps", "train_loss_first", "train_loss_last", "eval_loss", "task_metric_before",
+            "task_metric_after", "trainable_params", "total_params", "tokens_per_second", "peak_memory_bytes",
+            "wall_seconds", "final_dir"]
+    print("\n".join(f"  {key:<22} {fmt(summary.get(key))}" for key in keys))
