@@ -218,11 +218,12 @@ def redact(value: Any, key: str = "") -> Any:
 # ---------------------------------------------------------------- loading
 
 
-def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_paths: bool = True) -> RunConfig:
     """Read, override (`dotted.key=value`), validate and return the config.
 
-    Raises UserError with one line `FILE:LINE: KEY: problem` for anything wrong.
+    Raises UserError with one line `FILE:LINE: KEY: problem` (or `--set KEY=VALUE: KEY: problem`) for anything wrong.
     Relative paths inside the config (model, data, deepspeed json) stay as written: they resolve from the cwd.
+    check_paths=False validates the schema only (shipped configs whose model/data are built later).
     """
     path = Path(path)
     if not path.is_file():
@@ -230,36 +231,50 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunCo
     text = path.read_text()
     try:
         raw = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text))
+        origins = {key: f"{path}:{line}" for key, line in _key_lines(yaml.compose(text)).items()}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise UserError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the config must be a YAML mapping of sections")
+    origins[()] = str(path)
     for item in overrides:
-        _apply_override(raw, item)
+        key = _apply_override(raw, item)
+        origins = {k: v for k, v in origins.items() if k[: len(key)] != key}
+        origins[key] = f"--set {item}"
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(_describe(exc, path, lines)) from None
-    _check_paths(config, path, lines)
+        raise UserError(_describe(exc, origins)) from None
+    if check_paths:
+        _check_paths(config, origins)
     return config
 
 
-def _apply_override(raw: dict, item: str) -> None:
-    """`training.max_steps=20` → raw['training']['max_steps'] = 20 (the value parsed as YAML)."""
+def _apply_override(raw: dict, item: str) -> tuple:
+    """`training.max_steps=20` → raw['training']['max_steps'] = 20 (the value parsed as YAML); returns the key path."""
     if "=" not in item:
         raise UserError(f"--set {item!r}: expected dotted.key=value")
     key, value = item.split("=", 1)
-    node = raw
-    parts = key.strip().split(".")
+    node: Any = raw
+    parts: list[Any] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        if isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+            continue
+        if not isinstance(node, dict):
             raise UserError(f"--set {key}: {part} is not a section")
-        node = child
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        node = node.setdefault(part, {})
+    if isinstance(node, list) and isinstance(parts[-1], int) and parts[-1] < len(node):
+        pass
+    elif not isinstance(node, dict):
+        raise UserError(f"--set {key}: {parts[-2]} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        raise UserError(f"--set {item}: the value is not valid YAML") from None
+    return tuple(parts)
 
 
 def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
@@ -277,21 +292,20 @@ def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
     return lines
 
 
-def _line_for(loc: tuple, lines: dict[tuple, int]) -> int | None:
-    """The line of the deepest existing prefix of `loc` (a missing key points at its section)."""
-    for end in range(len(loc), 0, -1):
-        if loc[:end] in lines:
-            return lines[loc[:end]]
-    return None
+def _origin(loc: tuple, origins: dict[tuple, str]) -> str:
+    """Where `loc` was written: FILE:LINE of its deepest existing prefix (a missing key points at its section)."""
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in origins:
+            return origins[loc[:end]]
+    return ""
 
 
-def _describe(exc: ValidationError, path: Path, lines: dict[tuple, int]) -> str:
+def _describe(exc: ValidationError, origins: dict[tuple, str]) -> str:
     """One line for the first validation error: file:line: dotted.key: what is wrong."""
     error = exc.errors()[0]
     loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and "[" in part))
     key = ".".join(str(part) for part in loc) or "(top level)"
-    line = _line_for(loc, lines)
-    where = f"{path}:{line}" if line else str(path)
+    where = _origin(loc, origins)
     kind = error["type"]
     if kind == "extra_forbidden":
         message = f"unknown key '{loc[-1]}'" + _did_you_mean(loc)
@@ -337,13 +351,11 @@ def _did_you_mean(loc: tuple) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def _check_paths(config: RunConfig, path: Path, lines: dict[tuple, int]) -> None:
+def _check_paths(config: RunConfig, origins: dict[tuple, str]) -> None:
     """Local files the config names must exist (hub names are left to the loaders)."""
 
     def fail(loc: tuple, message: str) -> None:
-        line = _line_for(loc, lines)
-        where = f"{path}:{line}" if line else str(path)
-        raise UserError(f"{where}: {'.'.join(map(str, loc))}: {message}")
+        raise UserError(f"{_origin(loc, origins)}: {'.'.join(map(str, loc))}: {message}")
 
     if looks_local(config.model.name_or_path) and not Path(config.model.name_or_path).is_dir():
         fail(("model", "name_or_path"), f"model directory not found: {config.model.name_or_path}")
@@ -365,6 +377,8 @@ def _check_paths(config: RunConfig, path: Path, lines: dict[tuple, int]) -> None
 
 def looks_local(name: str) -> bool:
     """A path (./x, /x, x/y/z, or anything that exists) rather than a hub id like 'org/name'."""
+    if name.startswith("tunekit:"):  # a shipped architecture config (src/tunekit/model_configs/), for estimates only
+        return False
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") != 1
 
 
