@@ -142,8 +142,8 @@ def test_zero3_partitioned_parameters_are_gathered(monkeypatch):
 
 
 def test_callback_records_history_warns_once_and_writes_json(tmp_path, caplog):
-    model = tiny_lora_model(r=4)
-    with torch.no_grad():  # a rank-1 update in every adapter: collapsed
+    model = tiny_lora_model(r=8)
+    with torch.no_grad():  # a rank-1 update in every adapter: effective rank 1 of 8, collapsed
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.zero_()

@@ -154,3 +154,9 @@ class ForgettingCallback(TrainerCallback):
     def result(self) -> dict:
         """`forgetting_flag(base_loss, history, threshold)` for the evaluations so far."""
         return forgetting_flag(self.base_loss, self.history, self.threshold)
+
+    def summary_fields(self) -> dict:
+        """What summary.json records: general-text loss before and after, and whether forgetting was flagged."""
+        verdict = self.result()
+        return {"general_loss_base": verdict["base_loss"], "general_loss_last": verdict["last_loss"],
+                "forgetting_flagged": verdict["flagged"]}

@@ -159,6 +159,14 @@ class RankSpectrumCallback(TrainerCallback):
         self.last_spectra: dict[str, list[float]] = {}
         self._warned: set[tuple[str, str]] = set()
 
+    def summary_fields(self) -> dict:
+        """Effective rank and verdict per layer type at the last evaluation (empty before any)."""
+        if not self.history:
+            return {}
+        last = self.history[-1]["summary"]
+        return {"lora_effective_rank": {kind: round(item["effective_rank"], 2) for kind, item in last.items()},
+                "lora_rank_verdict": {kind: item["verdict"] for kind, item in last.items()}}
+
     def on_evaluate(self, args, state, control, **kwargs):
         model = kwargs.get("model")
         if model is None:

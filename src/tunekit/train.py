@@ -16,7 +16,7 @@ from tunekit.backends import full, lora
 from tunekit.backends.common import count_params, load_tokenizer, training_arguments
 from tunekit.callbacks import build_callbacks, peak_memory_bytes
 from tunekit.config import RunConfig
-from tunekit.data import prepare_data
+from tunekit.data import prepare_data, read_rows
 from tunekit.errors import UserError
 
 # method -> function(config, tokenizer) -> model ready to train. QLoRA is LoRA with a 4-bit base.
@@ -80,8 +80,26 @@ def build_trainer(config: RunConfig, args, model, tokenizer, data, metric_before
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        callbacks=build_callbacks(config, tokenizer),
+        callbacks=build_callbacks(config, tokenizer) + insight_callbacks(config, model, tokenizer),
     )
+
+
+def insight_callbacks(config: RunConfig, model, tokenizer) -> list:
+    """The rank-spectrum watch (LoRA/QLoRA) and the forgetting monitor (when eval.general names a file)."""
+    from tunekit.forgetting import ForgettingCallback, general_loss
+    from tunekit.spectrum import RankSpectrumCallback
+
+    callbacks = []
+    if config.method != "full" and config.eval.rank_spectrum:
+        callbacks.append(RankSpectrumCallback())
+    if config.eval.general:
+        texts = [row["text"] for row in read_rows(config.eval.general, "text")]
+        batch = config.training.per_device_eval_batch_size
+        # The base model's loss on general text, before any update: the reference a rise is measured against.
+        base_loss = general_loss(model, tokenizer, texts, config.data.max_seq_len, batch)
+        callbacks.append(ForgettingCallback(tokenizer, texts, base_loss, config.eval.forgetting_threshold,
+                                            config.data.max_seq_len, batch))
+    return callbacks
 
 
 def resume_checkpoint(config: RunConfig, resume: str | None) -> str | None:
@@ -155,13 +173,16 @@ def summarize(config: RunConfig, trainer, data, preflight, metric_before, metric
 
 
 def write_run_report(config: RunConfig, trainer, summary: dict) -> None:
-    try:
-        from tunekit.report import write_report
-    except ImportError:
-        return
+    from tunekit.report import write_report
+    from tunekit.forgetting import ForgettingCallback
+    from tunekit.spectrum import RankSpectrumCallback
+
     extras = {}
     for callback in trainer.callback_handler.callbacks:
-        extras.update(getattr(callback, "report_fields", dict)())
+        if isinstance(callback, RankSpectrumCallback):
+            extras.update(spectra_history=callback.history, last_spectra=callback.last_spectra)
+        if isinstance(callback, ForgettingCallback):
+            extras["forgetting"] = callback.result()
     write_report(config.output_dir, summary, trainer.state.log_history, **extras)
 
 

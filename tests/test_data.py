@@ -1,0 +1,168 @@
+"""The shared data pipeline on the tiny base's real tokenizer: formats, loss masks, truncation, mixing, eval split,
+cache, bad files."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tunekit import data
+from tunekit.config import RunConfig
+from tunekit.errors import UserError
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def make_config(tiny_base, tmp_path, sources, **data_fields) -> RunConfig:
+    return RunConfig.model_validate({
+        "method": "lora",
+        "output_dir": str(tmp_path / "out"),
+        "model": {"name_or_path": str(tiny_base)},
+        "data": {"sources": sources, "cache_dir": str(tmp_path / "cache"), **data_fields},
+    })
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_base):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_base)
+
+
+def loss_text(example, tokenizer) -> str:
+    return tokenizer.decode([t for t, l in zip(example["input_ids"], example["labels"]) if l != data.IGNORE_INDEX])
+
+
+def prompt_labels(example) -> list[int]:
+    """Labels before the first loss-carrying token."""
+    first = next(i for i, l in enumerate(example["labels"]) if l != data.IGNORE_INDEX)
+    return example["labels"][:first]
+
+
+FORMAT_ROWS = {
+    "alpaca": {"instruction": "Repeat the word", "input": "apple", "output": "apple apple"},
+    "prompt_completion": {"prompt": "Say hi to Bob:", "completion": " hi Bob"},
+    "chat": {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]},
+    "text": {"text": "the cat sat on the mat"},
+}
+EXPECTED_LOSS_TEXT = {"alpaca": "apple apple", "prompt_completion": " hi Bob", "chat": "hi there", "text": "the cat sat on the mat"}
+
+
+@pytest.mark.parametrize("fmt", list(FORMAT_ROWS))
+def test_every_format_masks_the_prompt_and_trains_the_end_token(fmt, tokenizer):
+    example = data.tokenize(data.segments(FORMAT_ROWS[fmt], fmt, tokenizer), tokenizer, 256, completion_only=True)
+    assert example["input_ids"][0] == tokenizer.bos_token_id
+    assert loss_text(example, tokenizer) == EXPECTED_LOSS_TEXT[fmt] + tokenizer.eos_token
+    if fmt != "text":
+        labels = prompt_labels(example)
+        assert labels and all(l == data.IGNORE_INDEX for l in labels)  # the prompt carries no loss
+    assert example["input_ids"][-1] == tokenizer.eos_token_id and example["labels"][-1] == tokenizer.eos_token_id
+
+
+def test_chat_masks_match_the_templates_generation_markers(tokenizer):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo there"},
+                {"role": "user", "content": "again"}, {"role": "assistant", "content": "sure"}]
+    example = data.tokenize(data.segments({"messages": messages}, "chat", tokenizer), tokenizer, 256, True)
+    reference = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    assert example["input_ids"] == list(reference["input_ids"])
+    assert [l != data.IGNORE_INDEX for l in example["labels"]] == [bool(m) for m in reference["assistant_masks"]]
+
+
+def test_completion_only_off_trains_everything(tokenizer):
+    example = data.tokenize(data.segments(FORMAT_ROWS["alpaca"], "alpaca", tokenizer), tokenizer, 256, completion_only=False)
+    assert example["labels"][1:] == example["input_ids"][1:]  # all but the prepended bos
+
+
+def test_truncation_is_counted_and_fully_truncated_examples_are_dropped(tiny_base, tmp_path, tokenizer):
+    rows = [{"prompt": "word " * 40, "completion": "end"}, {"prompt": "short", "completion": " yes"}]
+    path = write_jsonl(tmp_path / "pc.jsonl", rows)
+    cfg = make_config(tiny_base, tmp_path, [{"path": str(path), "format": "prompt_completion"}],
+                      max_seq_len=16, eval_fraction=0)
+    prepared = data.prepare_data(cfg, tokenizer)
+    stats = prepared.stats[str(path)]
+    assert stats["truncated"] == 1 and stats["tokens_cut"] > 0 and stats["dropped_no_loss_tokens"] == 1
+    assert len(prepared.train) == 1 and all(len(ids) <= 16 for ids in prepared.train["input_ids"])
+
+
+def test_mixing_follows_the_weights(tiny_base, tmp_path, tokenizer):
+    task = write_jsonl(tmp_path / "task.jsonl", [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(190)])
+    general = write_jsonl(tmp_path / "general.jsonl", [{"text": f"general text {i}"} for i in range(1000)])
+    cfg = make_config(tiny_base, tmp_path, [
+        {"path": str(task), "format": "prompt_completion", "weight": 0.95},
+        {"path": str(general), "format": "text", "weight": 0.05},  # the seeds' "mix 5-10% general data"
+    ], eval_fraction=0)
+    prepared = data.prepare_data(cfg, tokenizer)
+    counts = {path: s["examples"] for path, s in prepared.stats.items()}
+    assert counts == {str(task): 190, str(general): 10}  # every task example used; general drawn to 5%
+    assert len(prepared.train) == 200
+    assert abs(sum(s["token_share"] for s in prepared.stats.values()) - 1) < 1e-9
+
+
+def test_eval_split_is_held_out_and_gives_metric_prompts(tiny_base, tmp_path, tokenizer):
+    rows = [{"instruction": f"Repeat {i}", "input": "", "output": f"{i}"} for i in range(100)]
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    cfg = make_config(tiny_base, tmp_path, [{"path": str(path), "format": "alpaca"}], eval_fraction=0.1)
+    prepared = data.prepare_data(cfg, tokenizer)
+    assert len(prepared.eval) == 10 and len(prepared.train) == 90
+    train_texts = {tokenizer.decode(ids) for ids in prepared.train["input_ids"]}
+    assert not any(prompt in text for prompt, _ in prepared.eval_pairs for text in train_texts)
+    prompt, expected = prepared.eval_pairs[0]
+    assert prompt.startswith("### Instruction:\nRepeat ") and prompt.endswith("### Response:\n")
+
+
+def test_tokenization_is_cached(tiny_base, tmp_path, tokenizer, monkeypatch):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": f"line {i}"} for i in range(20)])
+    cfg = make_config(tiny_base, tmp_path, [{"path": str(path), "format": "text"}], eval_fraction=0)
+    first = data.prepare_data(cfg, tokenizer)
+    assert list((tmp_path / "cache").glob("*.jsonl"))
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("tokenized again despite the cache")
+
+    monkeypatch.setattr(data, "tokenize", must_not_run)
+    second = data.prepare_data(cfg, tokenizer)
+    assert second.train["input_ids"] == first.train["input_ids"]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet"])
+def test_file_types_load_the_same_rows(tmp_path, fmt):
+    import datasets
+
+    rows = [{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}]
+    path = tmp_path / f"rows.{fmt}"
+    if fmt == "jsonl":
+        write_jsonl(path, rows)
+    elif fmt == "json":
+        path.write_text(json.dumps(rows))
+    else:
+        getattr(datasets.Dataset.from_list(rows), f"to_{fmt}")(str(path))
+    assert data.read_rows(str(path), "prompt_completion") == rows
+
+
+@pytest.mark.parametrize(
+    "content, fmt, expected",
+    [
+        ('{"text": "ok"}\n{"text": broken}\n', "text", r"bad.jsonl:2: bad JSON line"),
+        ('{"instruction": "x"}\n', "alpaca", r"bad.jsonl:1: missing field 'output' for format 'alpaca'"),
+        ("", "text", r"bad.jsonl: no examples \(empty file\)"),
+        ('{"prompt": "p", "completion": "c"}\n', "chat", r"missing field 'messages'.*looks like format 'prompt_completion'"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}\n', "chat", r"bad.jsonl:1: chat example has no assistant"),
+    ],
+)
+def test_malformed_data_is_named_by_file_and_line(tmp_path, content, fmt, expected):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(UserError, match=expected):
+        data.read_rows(str(path), fmt)
+
+
+def test_inspect_data_marks_loss_tokens_and_reports_shares(tiny_base, tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Repeat x", "input": "", "output": "x"}] * 10)
+    cfg = make_config(tiny_base, tmp_path, [{"path": str(path), "format": "alpaca"}], eval_fraction=0.2)
+    report = data.inspect_data(cfg, num_samples=1)
+    assert "«x<|end|>»" in report
+    assert "carries loss in 8/8 examples" in report
+    assert "100.0%" in report
