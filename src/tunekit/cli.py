@@ -83,7 +83,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from tunekit.compare import compare
 
     compare(args.config_a, args.config_b, budget=args.budget, amount=args.amount, out=args.out,
-            overrides=args.set, overwrite=args.overwrite)
+            overrides=args.set, overwrite=args.overwrite, launcher=args.launcher)
     return 0
 
 
@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for both runs and the comparison report")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to both configs")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--launcher", default=None,
+                   help="command prefix for the runs, e.g. 'accelerate launch --config_file configs/accelerate/cpu-2proc-zero3.yaml'")
 
     p = sub.add_parser("build-tiny", help="build the tiny local base model (and demo data) used by demo and tests")
     p.add_argument("--out", default="artifacts/tiny-base")

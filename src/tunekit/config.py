@@ -125,6 +125,7 @@ class TrainingConfig(Section):
     )
     seed: int = Field(42, description="Seed for init, dropout and data order.")
     logging_steps: int = Field(10, gt=0, description="Log train loss every this many steps.")
+    max_seconds: float | None = Field(None, gt=0, description="Stop (and save) after this many seconds of training (compare --budget seconds).")
 
 
 class CheckpointsConfig(Section):

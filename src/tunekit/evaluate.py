@@ -30,7 +30,7 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], max_new_token
                 input_ids = batch["input_ids"].to(device)
                 out = model.generate(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device),
                                      max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                                     pad_token_id=pad)
+                                     pad_token_id=pad, use_cache=True)  # training turns the cache off
                 for row in out[:, input_ids.shape[1]:].tolist():  # new tokens only
                     if eos in row:
                         row = row[: row.index(eos)]

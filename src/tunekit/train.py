@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tunekit import rundir
 from tunekit.backends import full, lora
-from tunekit.backends.common import count_params, load_tokenizer, training_arguments
+from tunekit.backends.common import count_params, full_weights, load_tokenizer, training_arguments
 from tunekit.callbacks import build_callbacks, peak_memory_bytes
 from tunekit.config import RunConfig
 from tunekit.data import prepare_data, read_rows
@@ -28,16 +28,18 @@ def train(config: RunConfig, overwrite: bool = False, resume: str | None = None,
     """Run one fine-tuning job; returns the summary (also written to OUTPUT_DIR/summary.json)."""
     started = time.time()
     rundir.check_output_dir(config.output_dir, overwrite, resume)
+    checkpoint = resume_checkpoint(config, resume)  # a bad --resume fails before anything is loaded
     preflight = run_preflight(config, force)
     tokenizer = load_tokenizer(config)
     data = prepare_data(config, tokenizer)  # all data errors surface here, before anything is written
     args = training_arguments(config, full.deepspeed_config(config))  # before the model: ZeRO-3 shards at load
     model = BACKENDS[config.method](config, tokenizer)
+    model.config.use_cache = False  # no KV cache in training; without one, packed rows get per-example attention
     if args.process_index == 0:
         rundir.create(config, overwrite, resume)
     metric_before = task_metric(model, tokenizer, data, config)
-    trainer = build_trainer(config, args, model, tokenizer, data, metric_before)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(config, resume))
+    trainer = build_trainer(config, args, model, tokenizer, data, metric_before, checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
     final_dir = save_final(trainer, tokenizer, config)
     eval_loss = trainer.evaluate()["eval_loss"] if data.eval is not None else None
     metric_after = task_metric(model, tokenizer, data, config)
@@ -49,14 +51,13 @@ def train(config: RunConfig, overwrite: bool = False, resume: str | None = None,
     return summary
 
 
-def run_preflight(config: RunConfig, force: bool) -> dict | None:
-    """Memory/cost estimate for this machine; refuses (UserError) when it cannot fit unless --force."""
-    try:
-        from tunekit.estimate import format_estimate, preflight_check
-    except ImportError:  # estimate module not built yet
-        return None
-    result = preflight_check(config, force=force)
-    if result is not None and int(os.environ.get("RANK", "0")) == 0:
+def run_preflight(config: RunConfig, force: bool) -> dict:
+    """Memory/cost estimate for this machine, printed once; refuses (UserError) when it cannot fit unless --force."""
+    from tunekit.backends.common import on_gpu
+    from tunekit.estimate import format_estimate, preflight_check
+
+    result = preflight_check(config, device="cuda" if on_gpu() else "cpu", force=force)
+    if int(os.environ.get("RANK", "0")) == 0:
         print(format_estimate(result))
     return result
 
@@ -67,11 +68,12 @@ def task_metric(model, tokenizer, data, config: RunConfig) -> float | None:
         return None
     from tunekit.evaluate import exact_match
 
-    return exact_match(model, tokenizer, data.eval_pairs, max_new_tokens=config.eval.max_new_tokens,
-                       batch_size=config.training.per_device_eval_batch_size)
+    with full_weights(model):  # ZeRO-3: every rank generates, on gathered weights
+        return exact_match(model, tokenizer, data.eval_pairs, max_new_tokens=config.eval.max_new_tokens,
+                           batch_size=config.training.per_device_eval_batch_size)
 
 
-def build_trainer(config: RunConfig, args, model, tokenizer, data, metric_before):
+def build_trainer(config: RunConfig, args, model, tokenizer, data, metric_before, resume_from: str | None = None):
     from trl import SFTTrainer
 
     return SFTTrainer(
@@ -80,7 +82,7 @@ def build_trainer(config: RunConfig, args, model, tokenizer, data, metric_before
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        callbacks=build_callbacks(config, tokenizer) + insight_callbacks(config, model, tokenizer),
+        callbacks=build_callbacks(config, tokenizer, resume_from) + insight_callbacks(config, model, tokenizer),
     )
 
 
@@ -96,26 +98,19 @@ def insight_callbacks(config: RunConfig, model, tokenizer) -> list:
         texts = [row["text"] for row in read_rows(config.eval.general, "text")]
         batch = config.training.per_device_eval_batch_size
         # The base model's loss on general text, before any update: the reference a rise is measured against.
-        base_loss = general_loss(model, tokenizer, texts, config.data.max_seq_len, batch)
+        with full_weights(model):
+            base_loss = general_loss(model, tokenizer, texts, config.data.max_seq_len, batch)
         callbacks.append(ForgettingCallback(tokenizer, texts, base_loss, config.eval.forgetting_threshold,
                                             config.data.max_seq_len, batch))
     return callbacks
 
 
 def resume_checkpoint(config: RunConfig, resume: str | None) -> str | None:
-    """None (fresh run), the newest complete checkpoint in output_dir ('latest'), or the path given."""
-    if resume is None:
-        return None
-    from tunekit.callbacks import latest_complete_checkpoint
+    """None (fresh run), the newest complete checkpoint in output_dir ('latest'), or the path given (checked)."""
+    from tunekit.callbacks import resume_target
 
-    if resume != "latest":
-        if not Path(resume).is_dir():
-            raise UserError(f"--resume: checkpoint not found: {resume}")
-        return resume
-    latest = latest_complete_checkpoint(config.output_dir)
-    if latest is None:
-        raise UserError(f"--resume: no complete checkpoint in {config.output_dir}")
-    return str(latest)
+    target = resume_target(config.output_dir, resume)
+    return str(target) if target is not None else None
 
 
 def save_final(trainer, tokenizer, config: RunConfig) -> Path:
@@ -167,8 +162,7 @@ def summarize(config: RunConfig, trainer, data, preflight, metric_before, metric
     summary.update(lora.summary_fields(config, trainer))
     for callback in trainer.callback_handler.callbacks:
         summary.update(getattr(callback, "summary_fields", dict)())
-    if preflight is not None:
-        summary["estimated_peak_bytes_per_device"] = preflight.get("per_device_total")
+    summary["estimated_peak_bytes_per_device"] = preflight.get("per_device_total")
     return summary
 
 
