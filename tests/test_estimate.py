@@ -1,0 +1,368 @@
+"""The pre-flight estimate: parameter counts from real module shapes, the byte model against the seeds' tables,
+sharding and checkpointing invariants, time/cost arithmetic, the refusal, and the CLI.
+
+Seeds' table (000_76aa4ad8d2f7d3ce): 7B full ~98 GB (14 B/param: bf16 weights + fp32 grads + Adam m,v; it leaves out
+the fp32 master copy), LoRA ~15-18 GB, QLoRA ~8-10 GB. Models are built on the meta device: no weights, offline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tunekit import config as config_mod
+from tunekit.cli import main
+from tunekit.config import LoraConfig, RunConfig, TrainingConfig
+from tunekit.errors import UserError
+from tunekit import estimate as est
+
+GB = est.GB
+
+# Published parameter counts of the shipped configs (HF model cards / `sum(p.numel())` on the real checkpoints).
+PUBLISHED_PARAMS = {
+    "llama-2-7b": 6_738_415_616,
+    "llama-2-13b": 13_015_864_320,
+    "llama-2-70b": 68_976_648_192,
+    "codellama-34b": 33_743_970_304,
+    "llama-3-8b": 8_030_261_248,
+    "llama-3-70b": 70_553_706_496,
+    "mistral-7b": 7_241_732_096,
+}
+
+
+def run_config(method: str, model: str = "tunekit:llama-2-7b", **training) -> RunConfig:
+    """A RunConfig without touching the filesystem (validate, not load: no path checks)."""
+    return RunConfig.model_validate({
+        "method": method,
+        "output_dir": "out",
+        "model": {"name_or_path": model},
+        "data": {"sources": [{"path": "train.jsonl", "format": "alpaca", "max_examples": 50_000}], "max_seq_len": 512},
+        "training": {"per_device_train_batch_size": 1, "gradient_checkpointing": True, **training},
+    })
+
+
+def mem(shape_name: str, method: str, **settings):
+    shape = est.count_params(f"tunekit:{shape_name}", LoraConfig(), method)
+    defaults = dict(method=method, micro_batch=1, seq_len=512, gradient_checkpointing=True, lora_dropout=0.05)
+    return shape, est.memory_bytes(shape, **{**defaults, **settings})
+
+
+# ---------------------------------------------------------------- parameter counts
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_every_shipped_config_builds_with_its_published_size(name):
+    assert name in est.shipped_model_configs()
+    assert est.count_params(f"tunekit:{name}", LoraConfig(), "full")["params"] == PUBLISHED_PARAMS[name]
+
+
+def test_every_shipped_config_is_listed():
+    assert set(est.shipped_model_configs()) == set(PUBLISHED_PARAMS)
+
+
+def test_lora_trainable_params_on_llama3_8b():
+    # r * (in + out) per adapted Linear, all 7 projections, 32 layers.
+    r16 = est.count_params("tunekit:llama-3-8b", LoraConfig(r=16), "lora")
+    assert r16["trainable_params"] == 41_943_040
+    # The seed prints "Trainable: 83,886,080 / 8,114,147,328" under its r=16 config: that is the r=32 count
+    # (peft's get_peft_model gives 41,943,040 for r=16), so the seed's printout is off by its rank.
+    r32 = est.count_params("tunekit:llama-3-8b", LoraConfig(r=32), "lora")
+    assert r32["trainable_params"] == 83_886_080
+    assert r32["params"] + r32["trainable_params"] == 8_114_147_328
+    assert est.count_params("tunekit:llama-3-8b", LoraConfig(r=16), "full")["trainable_params"] == 8_030_261_248
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig
+
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], list(config_mod.ALL_LINEAR), ["mlp.down_proj"]])
+def test_lora_count_matches_peft(tiny_dir, targets):
+    import torch
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_dir))
+    total = sum(p.numel() for p in model.parameters())
+    peft_model = get_peft_model(model, PeftLoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    shape = est.count_params(tiny_dir, LoraConfig(r=4, target_modules=targets), "lora")
+    assert (shape["params"], shape["trainable_params"]) == (total, trainable)
+
+
+def test_add_tokens_grow_embedding_and_untied_head(tiny_dir):
+    base = est.count_params(tiny_dir, LoraConfig(), "lora")
+    grown = est.count_params(tiny_dir, LoraConfig(), "lora", add_tokens=5)
+    assert grown["params"] - base["params"] == 2 * 5 * 64  # embed_tokens and lm_head rows
+    assert grown["trainable_params"] - base["trainable_params"] == 2 * 5 * 64  # peft trainable token rows
+
+
+def test_unknown_targets_and_names_are_user_errors(tiny_dir):
+    with pytest.raises(UserError, match=r"\['query'\] not found"):
+        est.count_params(tiny_dir, LoraConfig(target_modules=["q_proj", "query"]), "lora")
+    with pytest.raises(UserError, match="no shipped model config"):
+        est.count_params("tunekit:gpt-9", LoraConfig(), "lora")
+
+
+# ---------------------------------------------------------------- the seeds' memory table
+
+
+def test_full_7b_matches_the_seed_accounting_plus_master_weights():
+    shape, m = mem("llama-2-7b", "full", gpus=1, zero_stage=3)
+    job, n = m["job"], shape["params"]
+    master = n * est.BYTES_PER_PARAM_MASTER
+    # The seed's 14 B/param (2 weights + 4 grads + 8 Adam) gives 94 GB for the real 6.74B ("~98 GB" for 7.0B) ...
+    assert job["weights"] + job["gradients"] + job["optimizer"] - master == 14 * n
+    assert 90 * GB < 14 * n < 100 * GB
+    # ... and the fp32 master copy mixed precision keeps adds 4 B/param: 121 GB of states.
+    assert 115 * GB < job["weights"] + job["gradients"] + job["optimizer"] < 125 * GB
+    assert job["total"] > 98 * GB + job["activations"]
+
+
+def test_lora_7b_within_the_seeds_15_to_18_gb():
+    # Seed: "Total: approximately 15-16 GB" (r=16 on q,v) and "~18 GB" in its table. We adapt all 7 projections
+    # (40M params, fp32 with fp32 grads and Adam: 0.64 GB) and add activations and a CUDA context.
+    _, m = mem("llama-2-7b", "lora")
+    assert 14 * GB < m["job"]["total"] < 19 * GB
+    _, qv = mem("llama-2-7b", "lora", gpus=1)
+    assert qv["job"]["weights"] > 13.4 * GB  # the frozen bf16 base
+
+
+def test_qlora_7b_within_the_seeds_5_to_10_gb():
+    _, m = mem("llama-2-7b", "qlora")
+    assert 5 * GB < m["job"]["total"] < 10 * GB
+
+
+def test_qlora_weights_against_lora_weights():
+    shape, qlora = mem("llama-2-7b", "qlora")
+    _, lora = mem("llama-2-7b", "lora")
+    # The 4-bit layers: 0.5 B + 0.127 bits of double-quant constants per param, vs 2 B in bf16: under a third.
+    four_bit = shape["linear_params"] * (est.BYTES_PER_PARAM_NF4 + est.BYTES_PER_PARAM_NF4_CONSTANTS_DOUBLE_QUANT)
+    assert four_bit < shape["linear_params"] * est.BYTES_PER_PARAM_BF16 / 3
+    # Whole weights: embeddings, lm_head and norms are not quantized and prepare_model_for_kbit_training upcasts them
+    # to fp32, so the ratio is ~1/3 for Llama-2's 32K vocabulary and only ~1/2 for Llama-3's 128K.
+    assert qlora["job"]["weights"] < lora["job"]["weights"] / 2.5
+    _, qlora3 = mem("llama-3-8b", "qlora")
+    _, lora3 = mem("llama-3-8b", "lora")
+    assert qlora3["job"]["weights"] < lora3["job"]["weights"] / 2
+
+
+def test_double_quant_constants_are_0_127_bits_per_param():
+    assert est.BYTES_PER_PARAM_NF4_CONSTANTS_DOUBLE_QUANT * 8 == pytest.approx(0.127, abs=1e-3)
+    shape, double = mem("llama-2-7b", "qlora", double_quant=True)
+    _, single = mem("llama-2-7b", "qlora", double_quant=False)
+    saved = single["job"]["weights"] - double["job"]["weights"]
+    assert saved / shape["linear_params"] * 8 == pytest.approx(0.5 - 0.127, abs=1e-3)  # ~0.37 bits/param saved
+
+
+def test_70b_qlora_fits_one_80gb_gpu_and_full_needs_many():
+    shape, q = mem("llama-2-70b", "qlora")
+    assert q["per_device"]["total"] < 80 * GB  # the QLoRA paper's point: 65-70B on one GPU
+    full = est.count_params("tunekit:llama-2-70b", LoraConfig(), "full")
+    needed = est.min_gpus(full, 80 * GB, method="full", zero_stage=3, micro_batch=1, seq_len=512,
+                          gradient_checkpointing=True)
+    assert needed is not None and needed >= 12  # the seed: "12x A100 80GB"
+
+
+# ---------------------------------------------------------------- invariants
+
+
+def test_zero3_shards_states_over_gpus():
+    _, one = mem("llama-3-8b", "full", gpus=1, zero_stage=3)
+    _, eight = mem("llama-3-8b", "full", gpus=8, zero_stage=3)
+    for key in ("weights", "gradients", "optimizer"):
+        assert eight["per_device"][key] == pytest.approx(eight["job"][key] / 8)
+        assert eight["job"][key] == pytest.approx(one["job"][key])
+    # Every GPU runs its own micro-batch: activations are per device, the job has 8 of them.
+    assert eight["per_device"]["activations"] == one["per_device"]["activations"]
+    assert eight["job"]["activations"] == pytest.approx(8 * one["job"]["activations"])
+
+
+@pytest.mark.parametrize("stage, sharded", [(0, set()), (1, {"optimizer"}), (2, {"optimizer", "gradients"}),
+                                            (3, {"optimizer", "gradients", "weights"})])
+def test_zero_stages_shard_what_they_say(stage, sharded):
+    _, single = mem("llama-2-7b", "full", gpus=1, zero_stage=stage)
+    _, four = mem("llama-2-7b", "full", gpus=4, zero_stage=stage)
+    for key in ("weights", "gradients", "optimizer"):
+        if key in sharded:  # a quarter on each GPU, the job holds one copy
+            assert four["per_device"][key] == pytest.approx(single["job"][key] / 4)
+            assert four["job"][key] == pytest.approx(single["job"][key])
+        else:  # replicated: every GPU holds it all
+            assert four["per_device"][key] == pytest.approx(single["job"][key])
+            assert four["job"][key] == pytest.approx(4 * single["job"][key])
+
+
+def test_offload_moves_states_to_host():
+    _, m = mem("llama-2-7b", "full", gpus=2, zero_stage=3, offload_optimizer=True, offload_param=True)
+    assert m["per_device"]["optimizer"] == m["per_device"]["weights"] == 0
+    assert m["cpu_offload"] > 90 * GB
+
+
+def test_gradient_checkpointing_lowers_activations():
+    for method in ("full", "lora", "qlora"):
+        _, on = mem("llama-3-8b", method, micro_batch=4, seq_len=2048, gradient_checkpointing=True)
+        _, off = mem("llama-3-8b", method, micro_batch=4, seq_len=2048, gradient_checkpointing=False)
+        assert on["job"]["activations"] < off["job"]["activations"] / 3
+
+
+def test_activations_grow_with_tokens_and_logits_with_vocab():
+    _, short = mem("llama-3-8b", "lora", micro_batch=1, seq_len=512, gradient_checkpointing=False)
+    _, long = mem("llama-3-8b", "lora", micro_batch=2, seq_len=512, gradient_checkpointing=False)
+    assert long["job"]["activations"] == pytest.approx(2 * short["job"]["activations"])
+    # Mistral-7B has Llama-3-8B's layer shapes and a 32K instead of 128K vocabulary: the difference is the logits,
+    # bf16 logits + the loss's fp32 copy + fp32 log-softmax = 10 bytes per vocabulary entry and token.
+    _, mistral = mem("mistral-7b", "lora", micro_batch=1, seq_len=512, gradient_checkpointing=False)
+    assert short["job"]["activations"] - mistral["job"]["activations"] == pytest.approx(512 * (128_256 - 32_000) * 10)
+
+
+def test_eight_bit_optimizer_quarters_adam_states():
+    _, adam = mem("llama-2-7b", "lora", optim="adamw_torch")
+    _, eight = mem("llama-2-7b", "lora", optim="paged_adamw_8bit")
+    assert eight["job"]["optimizer"] == pytest.approx(adam["job"]["optimizer"] / 4)
+
+
+def test_every_configurable_optimizer_has_a_state_size():
+    assert set(est.ADAM_BYTES_PER_PARAM) == set(TrainingConfig.model_fields["optim"].annotation.__args__)
+
+
+def test_cpu_runs_fp32_without_master_weights():
+    shape, cpu = mem("llama-2-7b", "full", device="cpu", precision="fp32")
+    assert cpu["job"]["weights"] == 4 * shape["params"]
+    assert cpu["job"]["optimizer"] == 8 * shape["params"]  # Adam only: the fp32 weights are the master
+
+
+# ---------------------------------------------------------------- estimate(), time and cost
+
+
+def test_estimate_keys_and_json():
+    result = est.estimate(run_config("lora"), gpus=1, gpu_memory_gb=24)
+    for key in ("method", "params", "trainable_params", "bytes", "per_device_total", "gpus", "gpu_memory_bytes",
+                "fits", "tokens", "train_hours", "cost_usd", "assumptions"):
+        assert key in result
+    assert set(result["bytes"]) == {"weights", "gradients", "optimizer", "activations", "overhead", "total"}
+    assert result["fits"] is True
+    json.dumps(result)  # serializable as is
+
+
+def test_equal_token_budgets_cost_the_same():
+    # batch 1 x accumulation 8 == batch 8 x accumulation 1 in tokens, time and cost; only activations differ.
+    a = est.estimate(run_config("lora", max_steps=100, gradient_accumulation_steps=8), gpus=1)
+    b = est.estimate(run_config("lora", max_steps=100, per_device_train_batch_size=8), gpus=1)
+    assert a["tokens"] == b["tokens"] == 100 * 8 * 512
+    assert a["cost_usd"] == pytest.approx(b["cost_usd"])
+    assert a["bytes"]["activations"] < b["bytes"]["activations"]
+
+
+def test_time_and_cost_arithmetic():
+    result = est.estimate(run_config("full", max_steps=10, gradient_checkpointing=False), gpus=4)
+    assert result["tokens"] == 10 * 1 * 1 * 4 * 512
+    shape = est.count_params("tunekit:llama-2-7b", LoraConfig(), "full")
+    # 6N per token, plus a small attention term at 512 tokens.
+    assert result["flops"] == pytest.approx(6 * shape["matmul_params"] * result["tokens"], rel=0.02)
+    assert result["gpu_hours"] == pytest.approx(result["train_hours"] * 4)
+    assert result["cost_usd"] == pytest.approx(result["gpu_hours"] * 3.0)
+    given = est.estimate(run_config("full", max_steps=10), gpus=4, tokens_per_second=1000.0)
+    assert given["train_hours"] == pytest.approx(given["tokens"] / 1000 / 3600)
+
+
+def test_lora_costs_fewer_flops_than_full():
+    full = est.estimate(run_config("full"), gpus=8)
+    lora = est.estimate(run_config("lora"), gpus=8)
+    qlora = est.estimate(run_config("qlora"), gpus=8)
+    assert full["tokens"] == lora["tokens"] == 47_500 * 512  # max_examples less the 5% eval split, 1 epoch
+    assert lora["flops"] < full["flops"] < 1.5 * lora["flops"]  # 8N vs 6N + adapters with checkpointing
+    assert qlora["train_hours"] > lora["train_hours"]  # dequantization
+
+
+def test_examples_counted_from_local_jsonl(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join('{"instruction": "a", "output": "b"}\n' for _ in range(200)))
+    config = run_config("lora")
+    config.data.sources[0].path = str(data)
+    config.data.sources[0].max_examples = None
+    assert est.count_examples(config) == 190  # 5% held out for eval
+    config.data.sources[0].path = "org/hub-dataset"
+    result = est.estimate(config, gpus=1)
+    assert result["tokens"] is None and result["cost_usd"] is None
+
+
+def test_format_estimate_is_one_screen():
+    text = est.format_estimate(est.estimate(run_config("qlora"), gpus=1, gpu_memory_gb=24))
+    assert "fits" in text and " GB" in text and "$" in text
+    assert len(text.splitlines()) <= 25
+
+
+# ---------------------------------------------------------------- preflight
+
+
+def test_preflight_refuses_what_cannot_fit(monkeypatch):
+    monkeypatch.setattr(est, "_host_memory_bytes", lambda: 8 * GB)
+    config = run_config("lora")  # a 7B in fp32 on CPU: ~28 GB of weights
+    with pytest.raises(UserError, match="needs .* GB of host RAM"):
+        est.preflight_check(config, device="cpu")
+    assert est.preflight_check(config, device="cpu", force=True)["fits"] is False
+    config.preflight.refuse_if_too_big = False
+    assert est.preflight_check(config, device="cpu")["fits"] is False
+
+
+def test_preflight_accepts_what_fits(tiny_dir, monkeypatch):
+    monkeypatch.setattr(est, "_host_memory_bytes", lambda: 8 * GB)
+    result = est.preflight_check(run_config("lora", model=str(tiny_dir)), device="cpu")
+    assert result["fits"] is True and result["assumptions"]["precision"] == "fp32"
+
+
+def test_preflight_error_is_one_line_with_advice(monkeypatch):
+    monkeypatch.setattr(est, "_host_memory_bytes", lambda: 8 * GB)
+    config = run_config("lora", gradient_checkpointing=False, per_device_train_batch_size=16)
+    with pytest.raises(UserError) as info:
+        est.preflight_check(config, device="cpu")
+    assert "\n" not in str(info.value) and "gradient_checkpointing" in str(info.value)
+
+
+# ---------------------------------------------------------------- config and CLI
+
+
+def write_config(tmp_path: Path, method: str = "lora", model: str = "tunekit:llama-3-8b") -> Path:
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join('{"instruction": "q", "output": "a"}\n' for _ in range(1000)))
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        f"method: {method}\noutput_dir: {tmp_path / 'out'}\nmodel:\n  name_or_path: \"{model}\"\n"
+        f"data:\n  sources:\n    - path: {data}\n      format: alpaca\n  max_seq_len: 1024\n"
+        "training:\n  per_device_train_batch_size: 2\n  gradient_checkpointing: true\n"
+    )
+    return path
+
+
+def test_shipped_name_passes_config_path_checks(tmp_path):
+    assert config_mod.load(write_config(tmp_path)).model.name_or_path == "tunekit:llama-3-8b"
+
+
+def test_cli_estimate_json(tmp_path, capsys):
+    assert main(["estimate", str(write_config(tmp_path)), "--gpus", "2", "--gpu-memory", "40", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["method"] == "lora" and result["params"] == 8_030_261_248
+    assert result["trainable_params"] == 41_943_040
+    assert result["gpus"] == 2 and result["gpu_memory_bytes"] == 40 * GB
+    assert result["bytes"]["total"] == pytest.approx(sum(v for k, v in result["bytes"].items() if k != "total"))
+    assert result["tokens"] == 950 * 1024  # 1000 lines, 5% eval, 1 epoch, max_seq_len tokens each
+
+
+def test_cli_estimate_table(tmp_path, capsys):
+    assert main(["estimate", str(write_config(tmp_path, method="full")), "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "full on tunekit:llama-3-8b" in out and "ZeRO stage 3" in out
+
+
+def test_cli_estimate_unknown_model_is_exit_2(tmp_path, capsys):
+    assert main(["estimate", str(write_config(tmp_path, model="tunekit:nope"))]) == 2
+    assert "no shipped model config" in capsys.readouterr().err
