@@ -1,0 +1,424 @@
+"""`tunekit merge`: fold a run's LoRA/QLoRA adapter into its base and save a standalone model, then prove it.
+
+    merge_run(run_dir, out, dtype, base, overwrite) -> out
+
+The result (safetensors shards + tokenizer with the training chat template + generation config + README.md model card
++ merge_check.json) loads with `AutoModelForCausalLM.from_pretrained` alone: no peft, no bitsandbytes, no
+quantization_config. The recipe reads like its steps:
+
+    open the run → refuse a bad --out early → pick the check inputs → merge (LoRA, or QLoRA into either base)
+    → logit check → write into OUT.tmp → rename to OUT
+
+QLoRA is never re-quantized after merging: rounding the merged weights back to NF4 throws away most of the adapter's
+update (the CPU stack measured a 0.06 logit shift from that alone) and ships a silently degraded model. The default
+merges into the *dequantized* NF4 weights the adapter was trained against (saved at 16/32 bit); `--base original`
+merges into the original full-precision weights instead. Both are merged and compared with the trained model
+(4-bit base + adapter) so the user sees what each choice costs; the chosen one is saved.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunekit import rundir
+from tunekit.config import RunConfig, looks_local
+from tunekit.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+# Logit-check tolerance, relative to the largest |logit| of the reference (floor 1.0), by saved dtype.
+# fp32: merging W + (alpha/r)·B@A changes the sum order only; measured 2e-7 on the tiny model, 1e-4 leaves room for
+#   deep models whose rounding accumulates over many layers.
+# bf16: 8 mantissa bits, so every weight rounds by up to 2^-9 ≈ 0.2% and every activation again in a bf16 forward;
+#   a logit of 30 is itself only representable to ±0.06. 5% of the largest logit catches a wrong merge (a missing
+#   or doubled adapter moves logits by the adapter's whole effect) without failing on rounding.
+# fp16: 11 mantissa bits (8x finer than bf16), hence 1%.
+RELATIVE_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 1e-2}
+
+CHECK_PROMPTS = 4  # inputs the logit check runs
+CHECK_MAX_TOKENS = 128  # per input: bounds the reference logits kept in memory (4 x 128 x vocab floats)
+FALLBACK_PROMPTS = [  # when the run's data files are gone (or on a hub): a fixed, varied set
+    "The quick brown fox jumps over the lazy dog. The dog did not move.",
+    "### Instruction:\nName three colors.\n\n### Response:\n",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "Question: What is the capital of France?\nAnswer: Paris.",
+]
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass
+class Run:
+    """A finished run as merge/export need it: its config, summary and final/ directory."""
+
+    dir: Path
+    config: RunConfig
+    summary: dict[str, Any]
+    final: Path
+
+    @property
+    def has_adapter(self) -> bool:
+        return all((self.final / name).is_file() for name in ADAPTER_FILES)
+
+
+@dataclass
+class CheckInputs:
+    """Token ids the logit check runs (each [1, seq]) and their text, as recorded in merge_check.json."""
+
+    ids: list[torch.Tensor]
+    texts: list[str]
+    source: str  # where the texts came from: a data file, or "fixed"
+
+
+@dataclass
+class Merged:
+    """The merged model to save, and what the logit check measured."""
+
+    model: Any
+    check: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def merge_run(run_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None, base: str = "dequantized",
+              overwrite: bool = False, max_shard_size: str = "5GB") -> Path:
+    """Merge the run's adapter into its base, check logits, write OUT; returns OUT.
+
+    dtype: fp32|bf16|fp16 or None (the base checkpoint's stored dtype, or model.dtype when the run set one).
+    base: QLoRA only — "dequantized" (the NF4 weights trained against) or "original" (full-precision weights).
+    Raises UserError: no adapter (incl. full runs), base not found, OUT exists without overwrite, check failed.
+    """
+    run = open_run(run_dir)
+    if not run.has_adapter:
+        hint = " (a full fine-tuning run: its final/ already is a standalone model; use `tunekit export`)" \
+            if run.config.method == "full" else ""
+        raise UserError(f"{run.final}: no adapter to merge (needs {' + '.join(ADAPTER_FILES)}){hint}")
+    out_dir = check_out(out, run, overwrite)
+    base_config = load_base_config(run.config)
+    save_dtype = dtype or default_dtype(run.config, base_config)
+    tokenizer = load_run_tokenizer(run)
+    inputs = check_inputs(run.config, tokenizer)
+    merged = merge_adapter(run, tokenizer, inputs, save_dtype, base)
+    print(format_check(merged.check))
+    if not merged.check["passed"]:
+        raise UserError(f"merge check failed: {merged.check['failure']}; nothing written to {out_dir}")
+    from tunekit.export import model_card  # the card is export's concern; merge writes one too
+
+    with staged_dir(out_dir, overwrite) as tmp:
+        save_model(merged.model, tokenizer, tmp, max_shard_size)
+        rundir.write_json(tmp / "merge_check.json", merged.check)
+        rundir.write_text_atomically(tmp / "README.md", model_card(run, merged.check))
+    print(f"merged model: {out_dir} ({save_dtype}, base: {merged.check['base']})")
+    return out_dir
+
+
+# ---------------------------------------------------------------- run, output and base checks (shared with export)
+
+
+def open_run(run_dir: str | os.PathLike) -> Run:
+    """The run at run_dir; UserError when it is not a finished tunekit run (no config.yaml or no final/)."""
+    config, summary = rundir.load_run(run_dir)
+    final = Path(run_dir) / "final"
+    if not final.is_dir():
+        raise UserError(f"{run_dir}: no final/ directory (the run did not finish); nothing to merge or export")
+    return Run(Path(run_dir), config, summary, final)
+
+
+def check_out(out: str | os.PathLike, run: Run, overwrite: bool) -> Path:
+    """--out as a Path; UserError when it exists (unless overwrite) or when replacing it would delete the run."""
+    out_dir = Path(out)
+    resolved, run_resolved = out_dir.resolve(), run.dir.resolve()
+    if resolved == run_resolved or resolved in run_resolved.parents or resolved == run.final.resolve() \
+            or run.final.resolve() in resolved.parents:
+        raise UserError(f"--out {out}: would overwrite the run itself; choose a directory outside {run.dir}/final")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"--out {out}: already exists; pass --overwrite to replace it")
+    return out_dir
+
+
+@contextmanager
+def staged_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield OUT.tmp to write into; on success it replaces OUT (the old OUT is removed only once the new one is in
+    place), on any error it is removed and OUT is left as it was."""
+    out_dir = out_dir.resolve()  # siblings of "." or "x/" need a real name
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted merge/export
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        if not overwrite and any(out_dir.iterdir()):  # someone wrote OUT meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"--out {out_dir}: appeared while writing; pass --overwrite to replace it")
+        old = out_dir.with_name(out_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def load_base_config(config: RunConfig):
+    """The base model's transformers config; UserError (one line) when the base cannot be found."""
+    from transformers import AutoConfig
+
+    name = config.model.name_or_path
+    if looks_local(name) and not Path(name).is_dir():
+        raise UserError(f"base model not found: {name} (model.name_or_path in the run's config.yaml)")
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=config.model.trust_remote_code,
+                                          revision=config.model.revision)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"base model not found: {name}: {str(exc).splitlines()[0]}") from None
+
+
+def default_dtype(config: RunConfig, model_config) -> str:
+    """fp32|bf16|fp16 to save in: model.dtype when the run set one, else the dtype the checkpoint is stored in
+    (merging does not make a bf16 base more precise; saving it as fp32 would only double its size)."""
+    if config.model.dtype != "auto":
+        return DTYPE_NAMES[config.model.dtype]
+    stored = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    stored = str(stored).removeprefix("torch.") if stored is not None else "float32"
+    return DTYPE_NAMES.get(stored, "fp32")
+
+
+def load_run_tokenizer(run: Run):
+    """The tokenizer saved in final/: the training one, with its chat template and any added tokens."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(run.final, trust_remote_code=run.config.model.trust_remote_code)
+
+
+def save_model(model, tokenizer, out_dir: Path, max_shard_size: str) -> None:
+    """safetensors shards (+ index when several) + config + generation config + tokenizer (chat template kept)."""
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(out_dir)
+
+
+# ---------------------------------------------------------------- the check inputs
+
+
+def check_inputs(config: RunConfig, tokenizer, count: int = CHECK_PROMPTS) -> CheckInputs:
+    """A few real examples from the run's data, tokenized exactly as training did (prompt and completion), or the
+    fixed FALLBACK_PROMPTS when the data is not a readable local file.
+
+    Prefers data.eval_path; else the first source shuffled with data.seed, whose head is the held-out split that
+    prepare_data makes with data.eval_fraction (not that it matters for the check: any real text will do).
+    """
+    from tunekit import data as data_mod
+
+    def encode(text_pieces: list[tuple[str, bool]]) -> list[int]:
+        return data_mod.tokenize(text_pieces, tokenizer, min(config.data.max_seq_len, CHECK_MAX_TOKENS),
+                                 completion_only=True)["input_ids"]
+
+    first = config.data.sources[0]
+    path = config.data.eval_path or first.path
+    if looks_local(path) and Path(path).is_file():
+        try:
+            rows = data_mod.read_rows(path, first.format)
+        except UserError:
+            rows = []
+        if config.data.eval_path is None:
+            rows = rows[:]
+            random.Random(config.data.seed).shuffle(rows)
+        pieces = [data_mod.segments(row, first.format, tokenizer) for row in rows[:count]]
+        if pieces:
+            ids = [encode(p) for p in pieces]
+            texts = ["".join(text for text, _ in p) for p in pieces]
+            return CheckInputs([torch.tensor([row]) for row in ids], texts, path)
+    ids = [encode([(text, True)]) for text in FALLBACK_PROMPTS[:count]]
+    return CheckInputs([torch.tensor([row]) for row in ids], list(FALLBACK_PROMPTS[:count]), "fixed")
+
+
+@torch.no_grad()
+def logits_of(model, inputs: CheckInputs) -> list[torch.Tensor]:
+    """fp32 logits [1, seq, vocab] for each check input (one at a time: no padding to get wrong)."""
+    model.eval()
+    device = next(model.parameters()).device  # a 4-bit base may sit on the GPU
+    return [model(input_ids=ids.to(device)).logits.float().cpu() for ids in inputs.ids]
+
+
+def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------- merging
+
+
+def merge_adapter(run: Run, tokenizer, inputs: CheckInputs, save_dtype: str, base: str) -> Merged:
+    """Merge and check. LoRA: one merge into the base as trained. QLoRA: both bases, the other one first (then freed),
+    so only one full-precision copy of the model is alive at a time besides the 4-bit reference."""
+    if run.config.method != "qlora":
+        model, diffs = merge_into(run, tokenizer, inputs, save_dtype, packed=None, reference=None)
+        check = check_record(inputs, save_dtype, "original", diffs["vs_trained"], reference_kind="adapter model "
+                             "(base in fp32 + adapter, unmerged)", gate=diffs["vs_trained"], scale=diffs["scale"])
+        return Merged(model, check)
+
+    reference, packed = quantized_reference(run, tokenizer, inputs)
+    results: dict[str, dict] = {}
+    for choice in [c for c in ("dequantized", "original") if c != base] + [base]:
+        model, results[choice] = merge_into(run, tokenizer, inputs, save_dtype,
+                                            packed=packed if choice == "dequantized" else None,
+                                            reference=reference)
+        if choice != base:
+            del model  # only the chosen merge is kept
+    chosen = results[base]
+    # dequantized: the merge must reproduce the trained model. original: it cannot (the base differs by the NF4
+    # rounding, by design), so the gate is the merge itself (merged vs unmerged original + adapter) and the
+    # difference from the trained model is reported as the cost of the choice.
+    gate = chosen["vs_trained"] if base == "dequantized" else chosen["merge_only"]
+    check = check_record(inputs, save_dtype, base, chosen["vs_trained"],
+                         reference_kind="trained model: 4-bit NF4 base + adapter (fp32 compute)", gate=gate,
+                         scale=chosen["scale"])
+    check["qlora"] = {name: {key: r[key] for key in ("vs_trained", "merge_only")} for name, r in results.items()}
+    return Merged(model, check)
+
+
+def merge_into(run: Run, tokenizer, inputs: CheckInputs, save_dtype: str, packed: dict | None,
+               reference: list[torch.Tensor] | None) -> tuple[Any, dict]:
+    """Load the base in fp32 (with `packed`: the dequantized NF4 values in place of those Linear weights), apply the
+    adapter, record its unmerged logits, merge_and_unload, cast to save_dtype; returns (model, diffs).
+
+    diffs: merge_only (merged vs this base + adapter), vs_trained (merged vs `reference`, or vs the unmerged model
+    when reference is None: for LoRA they are the same thing), scale (largest |reference logit|).
+    """
+    from peft import PeftModel
+
+    model = load_base(run.config, tokenizer, torch.float32)  # merge in fp32: cast once, after the sum
+    if packed is not None:
+        import bitsandbytes.functional as bnbf
+
+        with torch.no_grad():
+            for name, (data, quant_state) in packed.items():  # [out, in] each, in the dtype it was quantized from
+                model.get_submodule(name).weight.copy_(bnbf.dequantize_4bit(data, quant_state))
+    model = PeftModel.from_pretrained(model, run.final)
+    unmerged = logits_of(model, inputs)
+    model = model.merge_and_unload()
+    model = model.to(DTYPES[save_dtype])
+    merged = logits_of(model, inputs)
+    reference = reference if reference is not None else unmerged
+    return model, {
+        "merge_only": max_abs_diff(merged, unmerged),
+        "vs_trained": max_abs_diff(merged, reference),
+        "scale": max(t.abs().max().item() for t in reference),
+    }
+
+
+def load_base(config: RunConfig, tokenizer, dtype: torch.dtype, quantization_config=None):
+    """The run's base, loaded as training did (same from_pretrained arguments), embeddings grown to the run's
+    tokenizer: with added tokens the adapter carries the resized embed_tokens/lm_head and needs matching shapes."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            config.model.name_or_path, dtype=dtype, trust_remote_code=config.model.trust_remote_code,
+            revision=config.model.revision, use_safetensors=True, **kwargs,
+        )
+    except OSError as exc:
+        raise UserError(f"base model not found: {config.model.name_or_path}: {str(exc).splitlines()[0]}") from None
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        # New rows' values do not matter: peft saved the resized embed_tokens/lm_head and loads them over these.
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return model
+
+
+def quantized_reference(run: Run, tokenizer, inputs: CheckInputs) -> tuple[list[torch.Tensor], dict[str, tuple]]:
+    """The trained QLoRA model's logits (4-bit base + adapter) and its packed NF4 weights, {module: (data, state)}.
+
+    The base is quantized exactly as in training (backends.lora.quantization_config, same load dtype: NF4 codes and
+    scales depend on the values quantized), except the compute dtype is fp32: it only sets the dtype of the
+    matmuls, not the stored weights, and bf16 matmul noise would blur the comparison we want to make. The packed
+    weights (~0.5 byte/param) are kept rather than dequantized copies (4 bytes/param): merge_into dequantizes them
+    one layer at a time.
+    """
+    from bitsandbytes.nn import Linear4bit
+    from peft import PeftModel
+
+    from tunekit.backends.lora import quantization_config
+
+    qconfig = quantization_config(run.config)
+    qconfig.bnb_4bit_compute_dtype = torch.float32
+    model = load_base(run.config, tokenizer, training_load_dtype(run.config), quantization_config=qconfig)
+    packed = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        packed[name] = (module.weight.data, module.weight.quant_state)
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            # bitsandbytes' CPU inference fast path repacks the weight in place on the first eval forward and
+            # multiplies in bf16 (2.5e-3 logit noise on the tiny model). Training never takes it (it needs eval
+            # mode), so off: the reference computes as training did, dequantize then matmul in fp32.
+            module.support_avx512bf16_for_cpu = False
+    if not packed:
+        raise UserError(f"{run.dir}: a qlora run, but loading its base 4-bit gave no Linear4bit layers")
+    model = PeftModel.from_pretrained(model, run.final)
+    reference = logits_of(model, inputs)
+    del model
+    return reference, packed
+
+
+def training_load_dtype(config: RunConfig) -> torch.dtype:
+    """The dtype training loaded the base in before quantizing it (common.weights_dtype, resolved on this machine:
+    a run trained on a bf16 GPU with model.dtype auto and merged on a CPU is quantized from fp32 here)."""
+    from tunekit.backends.common import weights_dtype
+
+    try:
+        return weights_dtype(config)
+    except UserError:  # precision fp16 asked for on a machine without CUDA: the base loaded in fp32 there too
+        return torch.float32
+
+
+# ---------------------------------------------------------------- the record
+
+
+def check_record(inputs: CheckInputs, save_dtype: str, base: str, diff: float, reference_kind: str, gate: float,
+                 scale: float) -> dict[str, Any]:
+    """merge_check.json: what was compared, the max abs logit difference, the tolerance and the verdict."""
+    tolerance = RELATIVE_TOLERANCE[save_dtype] * max(1.0, scale)
+    passed = gate <= tolerance
+    record = {
+        "max_abs_diff": diff,
+        "tolerance": tolerance,
+        "tolerance_rule": f"{RELATIVE_TOLERANCE[save_dtype]:g} x max(1, largest |reference logit| = {scale:.4g})",
+        "passed": passed,
+        "dtype": save_dtype,
+        "base": base,
+        "reference": reference_kind,
+        "prompts_source": inputs.source,
+        "positions": sum(ids.shape[1] for ids in inputs.ids),
+        "prompts": [text[:200] for text in inputs.texts],
+    }
+    if not passed:
+        record["failure"] = f"max abs logit difference {gate:.3g} > tolerance {tolerance:.3g} ({save_dtype})"
+    return record
+
+
+def format_check(check: dict[str, Any]) -> str:
+    """A short table: one row per base choice (QLoRA) or one row (LoRA)."""
+    lines = [f"merge check: {len(check['prompts'])} prompts ({check['prompts_source']}), {check['positions']} "
+             f"positions, saved as {check['dtype']}, tolerance {check['tolerance']:.3g}",
+             f"  {'base':<20}{'max |Δ logit| vs trained':>26}{'merge only':>14}"]
+    diff = check["max_abs_diff"]
+    rows = check.get("qlora") or {check["base"]: {"vs_trained": diff, "merge_only": diff}}
+    for name, diffs in rows.items():
+        mark = " (saved)" if name == check["base"] else ""
+        lines.append(f"  {name + mark:<20}{diffs['vs_trained']:>26.3e}{diffs['merge_only']:>14.3e}")
+    lines.append("  " + ("ok" if check["passed"] else "FAILED: " + check["failure"]))
+    return "\n".join(lines)
