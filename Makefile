@@ -17,6 +17,8 @@ RUN     ?= runs/demo
 OUT     ?= $(RUN)/export
 FORMAT  ?= merged
 DTYPE   ?=
+BASE    ?=
+MAX_SHARD_SIZE ?=
 TINY    := artifacts/tiny-base
 DEMO_DATA := artifacts/demo-data
 
@@ -44,11 +46,14 @@ demo: tiny
 train: tiny
 	$(TUNEKIT) train $(CONFIG) $(ARGS)
 
+# make merge RUN=runs/demo OUT=dir [DTYPE=bf16|fp16|fp32] [BASE=original] [ARGS=--overwrite]
 merge: venv
-	$(TUNEKIT) merge $(RUN) --out $(OUT) $(if $(DTYPE),--dtype $(DTYPE)) $(ARGS)
+	$(TUNEKIT) merge $(RUN) --out $(OUT) $(if $(DTYPE),--dtype $(DTYPE)) $(if $(BASE),--base $(BASE)) $(ARGS)
 
+# make export RUN=runs/demo OUT=dir FORMAT=merged|adapter [DTYPE=...] [MAX_SHARD_SIZE=2GB] [ARGS=--overwrite]
 export: venv
-	$(TUNEKIT) export $(RUN) --out $(OUT) --format $(FORMAT) $(if $(DTYPE),--dtype $(DTYPE)) $(ARGS)
+	$(TUNEKIT) export $(RUN) --out $(OUT) --format $(FORMAT) $(if $(DTYPE),--dtype $(DTYPE)) \
+		$(if $(MAX_SHARD_SIZE),--max-shard-size $(MAX_SHARD_SIZE)) $(ARGS)
 
 test: venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra $(PYTEST_ARGS)
