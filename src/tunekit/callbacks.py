@@ -610,7 +610,31 @@ class ResumeVerifier(TrainerCallback):
             print(f"resume verified: {', '.join(self._verified)}, {tail}", flush=True)
 
 
+class StopAfterSeconds(TrainerCallback):
+    """training.max_seconds: stop, evaluate and save once the training clock passes the budget (compare --budget seconds).
+
+    Every rank reads its own clock; under DeepSpeed/DDP rank 0's decision is broadcast so all ranks stop together.
+    """
+
+    def __init__(self, max_seconds: float) -> None:
+        self.max_seconds = max_seconds
+        self.started = time.monotonic()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        out_of_time = _gather(time.monotonic() - self.started >= self.max_seconds)[0]
+        if out_of_time:
+            control.should_training_stop = control.should_save = control.should_evaluate = True
+        return control
+
+
 def build_callbacks(config: RunConfig, tokenizer,
                     resume_from: str | os.PathLike | None = None) -> list[TrainerCallback]:
-    """The callbacks every run gets. `resume_from`: the checkpoint this run resumes from (checked on resume)."""
-    return [MemoryLog(), ConservativeCheckpointCallback(config.checkpoints), ResumeVerifier(resume_from)]
+    """The callbacks every run gets. `resume_from`: the checkpoint this run resumes from (checked on resume).
+
+    The time budget comes first so that the checkpoint callback sees (and disk-checks) the save it asks for.
+    """
+    budget = [StopAfterSeconds(config.training.max_seconds)] if config.training.max_seconds else []
+    return [*budget, MemoryLog(), ConservativeCheckpointCallback(config.checkpoints), ResumeVerifier(resume_from)]

@@ -25,7 +25,7 @@ from tunekit.config import RunConfig, SourceConfig, looks_local
 from tunekit.errors import UserError
 
 IGNORE_INDEX = -100  # label value that the loss skips
-CACHE_VERSION = 1  # bump when tokenization changes, so stale caches are not reused
+CACHE_VERSION = 2  # bump when tokenization changes, so stale caches are not reused
 REQUIRED_FIELDS = {
     "alpaca": ("instruction", "output"),
     "chat": ("messages",),
@@ -167,7 +167,11 @@ def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
         prompt_end, turn_end = render(index, True), render(index + 1, False)
         if not (prompt_end.startswith(done) and turn_end.startswith(prompt_end)):
             raise UserError("the chat template does not render conversation prefixes as text prefixes; use format 'prompt_completion'")
-        pieces += [(prompt_end[len(done):], False), (turn_end[len(prompt_end):], True)]
+        turn = turn_end[len(prompt_end):]
+        # The turn carries loss up to and including its end-of-turn token; separators the template writes after it
+        # (e.g. a newline) are formatting, not something the model should be trained to emit.
+        cut = turn.rindex(tokenizer.eos_token) + len(tokenizer.eos_token) if tokenizer.eos_token in turn else len(turn)
+        pieces += [(prompt_end[len(done):], False), (turn[:cut], True), (turn[cut:], False)]
         done = turn_end
     rest = render(len(messages), False)[len(done):]
     return [piece for piece in pieces + [(rest, False)] if piece[0]]
