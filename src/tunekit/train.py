@@ -11,13 +11,14 @@ import os
 import time
 from pathlib import Path
 
+from transformers import set_seed
+
 from tunekit import rundir
 from tunekit.backends import full, lora
 from tunekit.backends.common import count_params, full_weights, load_tokenizer, training_arguments
 from tunekit.callbacks import build_callbacks, peak_memory_bytes
 from tunekit.config import RunConfig
 from tunekit.data import prepare_data, read_rows
-from tunekit.errors import UserError
 
 # method -> function(config, tokenizer) -> model ready to train. QLoRA is LoRA with a 4-bit base.
 BACKENDS = {"full": full.build_model, "lora": lora.build_model, "qlora": lora.build_model}
@@ -33,6 +34,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: str | None = None,
     tokenizer = load_tokenizer(config)
     data = prepare_data(config, tokenizer)  # all data errors surface here, before anything is written
     args = training_arguments(config, full.deepspeed_config(config))  # before the model: ZeRO-3 shards at load
+    set_seed(config.training.seed)  # LoRA init and new-token rows draw from the RNG (its start seed is random)
     model = BACKENDS[config.method](config, tokenizer)
     model.config.use_cache = False  # no KV cache in training; without one, packed rows get per-example attention
     if args.process_index == 0:

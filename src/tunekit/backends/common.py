@@ -7,6 +7,7 @@ save path are the same for all three methods.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -82,20 +83,55 @@ def from_pretrained(config: RunConfig, **extra: Any):
         raise UserError(f"model.name_or_path: cannot load {config.model.name_or_path}: {str(exc).splitlines()[0]}") from None
 
 
-def resize_for_new_tokens(model, tokenizer) -> list[int]:
-    """Grow the embeddings to the tokenizer's size; return the ids of the new rows (empty when nothing was added)."""
-    old_size = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) <= old_size:
+def resize_for_new_tokens(model, tokenizer, new_tokens: list[str]) -> list[int]:
+    """Grow the embeddings to the tokenizer's size when it outgrew them; return the ids of `new_tokens` (the rows a
+    LoRA run trains). Empty when nothing was asked for.
+
+    A token that already had a row (a reserved token, or a vocabulary padded past the tokenizer's size) is trained
+    too: its row was never trained for the meaning the user is about to give it.
+    """
+    if not new_tokens:
         return []
-    # mean_resizing: new rows start at the mean embedding, so untrained new tokens don't dominate the softmax.
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    return list(range(old_size, len(tokenizer)))
+    # num_embeddings, not weight.shape: under ZeRO-3 the local weight is a size-0 placeholder.
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        # mean_resizing: new rows start at the mean embedding, so untrained new tokens don't dominate the softmax.
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return sorted(set(tokenizer.convert_tokens_to_ids(new_tokens)))
+
+
+def cpu_deepspeed_state(deepspeed_config: dict | None) -> bool:
+    """On CPU under DeepSpeed, set up the process group ourselves; return True when it did (the Trainer must then use it).
+
+    Left alone, the Trainer treats `use_cpu` as "no DeepSpeed" and builds a one-process state, and DeepSpeed then fails
+    in from_pretrained with "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size".
+    A DeepSpeed-flavoured PartialState on gloo, created first, is what both then use. A plain `tunekit train` (no
+    launcher) gets a one-process group so the same code path runs. On a GPU the Trainer's own set-up is right.
+    """
+    if deepspeed_config is None or on_gpu():
+        return False
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    if "LOCAL_RANK" not in os.environ:  # not started by a launcher: a group of one on this machine
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+    PartialState(backend="gloo")
+    return True
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def training_arguments(config: RunConfig, deepspeed_config: dict | None = None):
     """TRL SFTConfig for any method. Must be built BEFORE from_pretrained under ZeRO-3 so weights shard at load."""
     from trl import SFTConfig
 
+    use_configured_state = cpu_deepspeed_state(deepspeed_config)
     mode = precision(config)
     t, c = config.training, config.checkpoints
     has_eval = config.data.eval_path is not None or config.data.eval_fraction > 0
@@ -137,7 +173,7 @@ def training_arguments(config: RunConfig, deepspeed_config: dict | None = None):
         dataset_num_proc=None,
         completion_only_loss=None,
         deepspeed=deepspeed_config,
-        accelerator_config={"use_configured_state": True} if deepspeed_config is not None else None,
+        accelerator_config={"use_configured_state": True} if use_configured_state else None,
         disable_tqdm=False,
         save_only_model=False,
         ddp_find_unused_parameters=False if config.method != "full" else None,
@@ -154,3 +190,24 @@ def count_params(model) -> tuple[int, int]:
         total += numel
         trainable += numel if param.requires_grad else 0
     return trainable, total
+
+
+@contextmanager
+def full_weights(model):
+    """Inside this block the model can run forward/generate on every rank, whatever ZeRO did to its weights.
+
+    Under ZeRO-3 each rank holds 1/world_size of every weight (the rest are size-0 placeholders). Once the DeepSpeed
+    engine exists, its hooks gather each layer just before it runs, so nothing is needed. Before that (the base
+    model's task metric and general loss), there are no hooks: the whole model is gathered on every rank for the
+    block, which costs one full copy of the weights per device. Collective: every rank must enter, and every rank
+    must then run the same number of forward passes (transformers' generate syncs ranks under ZeRO-3 by itself).
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled() or hasattr(model, "ds_id"):  # ds_id: the engine's hooks are on this module
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        yield

@@ -17,9 +17,10 @@ def build_model(config: RunConfig, tokenizer):
     """The peft model ready for training: base loaded (quantized for qlora), embeddings resized, adapters attached."""
     from peft import LoraConfig, get_peft_model
 
+    check_zero3_new_tokens(config)
     extra = {"quantization_config": quantization_config(config)} if config.method == "qlora" else {}
     model = from_pretrained(config, **extra)
-    new_token_ids = resize_for_new_tokens(model, tokenizer)
+    new_token_ids = resize_for_new_tokens(model, tokenizer, config.model.add_tokens)
     if config.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
@@ -38,10 +39,49 @@ def build_model(config: RunConfig, tokenizer):
         target_modules=list(config.lora.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
-        # New vocabulary rows train as peft "trainable tokens" (a small delta on those rows only): no full FT needed.
-        trainable_token_indices=new_token_ids if (new_token_ids and config.lora.train_new_token_embeddings) else None,
+        trainable_token_indices=trainable_tokens(model, new_token_ids) if config.lora.train_new_token_embeddings else None,
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    head = model.get_output_embeddings()
+    if type(head).__name__ == "TrainableTokensWrapper" and "bias" not in head.__dict__:
+        # TRL's fused LM-head loss reads lm_head.weight (the wrapper returns base + trained rows, with gradient) and
+        # lm_head.bias, which the wrapper does not forward: give it the wrapped layer's (None for Llama-style heads).
+        head.bias = head.original_module.bias
+    return model
+
+
+def trainable_tokens(model, token_ids: list[int]) -> dict[str, list[int]] | None:
+    """peft `trainable_token_indices` for the new tokens' rows: {module name: ids}, or None when there are none.
+
+    New vocabulary rows train as peft "trainable tokens" (a [n_new, hidden] delta on those rows only; every other
+    row stays frozen and bit-identical), so adding tokens does not need full fine-tuning. The input embedding always;
+    an untied output embedding (lm_head) too, or the model could read the new tokens but never learn to emit them.
+    With tied embeddings peft ties the lm_head rows to the embedding's by itself.
+    """
+    if not token_ids:
+        return None
+    names = {module: name for name, module in model.named_modules()}
+    layers = [model.get_input_embeddings()]
+    output = model.get_output_embeddings()
+    if output is not None and not getattr(model.config, "tie_word_embeddings", False):
+        layers.append(output)
+    return {names[layer]: list(token_ids) for layer in layers}
+
+
+def check_zero3_new_tokens(config: RunConfig) -> None:
+    """Refuse (UserError) training new token rows under ZeRO-3: peft's trainable tokens read the embedding weight
+    directly, which ZeRO-3 leaves as a size-0 shard outside its hooks (and peft gathers it on CUDA only)."""
+    zero3 = config.deepspeed is not None and _zero_stage(config) == 3
+    if zero3 and config.model.add_tokens and config.lora.train_new_token_embeddings:
+        raise UserError("model.add_tokens: new token rows cannot be trained under deepspeed stage 3 with LoRA; use "
+                        "deepspeed stage 2 (adapters are small, sharding them gains little) or set "
+                        "lora.train_new_token_embeddings: false")
+
+
+def _zero_stage(config: RunConfig) -> int:
+    from tunekit.backends.full import deepspeed_config
+
+    return int(deepspeed_config(config)["zero_optimization"]["stage"])
 
 
 def quantization_config(config: RunConfig):
@@ -61,7 +101,15 @@ def quantization_config(config: RunConfig):
 
 
 def summary_fields(config: RunConfig, trainer) -> dict:
-    """qlora: how many Linear layers really are 4-bit (bitsandbytes Linear4bit)."""
+    """qlora: how many layers really hold 4-bit weights."""
     if config.method != "qlora":
         return {}
-    return {"quantized_modules": sum(1 for m in trainer.model.modules() if type(m).__name__ == "Linear4bit")}
+    return {"quantized_modules": count_quantized_modules(trainer.model)}
+
+
+def count_quantized_modules(model) -> int:
+    """Layers whose weight is stored 4-bit: bitsandbytes Linear4bit instances (not peft's LoRA wrappers of them,
+    which share the class name and would count every layer twice)."""
+    import bitsandbytes as bnb
+
+    return sum(1 for module in model.modules() if isinstance(module, bnb.nn.Linear4bit))
