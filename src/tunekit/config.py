@@ -24,6 +24,7 @@ METHODS = ("full", "lora", "qlora")
 DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SECRET_WORDS = ("token", "key", "secret", "password")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
 class Section(BaseModel):
@@ -190,7 +191,7 @@ class RunConfig(Section):
         if self.method == "full" and self.deepspeed is None:
             self.deepspeed = DeepSpeedConfig()
         if self.deepspeed is not None and self.deepspeed.offload_param and self.deepspeed.stage != 3:
-            raise ValueError("deepspeed.offload_param needs deepspeed.stage 3")
+            raise ValueError("deepspeed.offload_param: needs deepspeed.stage 3")
         if self.method == "qlora" and self.deepspeed is not None and self.deepspeed.stage == 3 and self.deepspeed.config is None:
             # bitsandbytes 4-bit weights cannot be partitioned by ZeRO-3's zero.Init in these versions.
             raise ValueError("deepspeed.stage: 3 conflicts with method qlora (4-bit weights cannot be ZeRO-3 sharded); use stage 2 or drop deepspeed")
@@ -316,6 +317,9 @@ def _describe(exc: ValidationError, origins: dict[tuple, str]) -> str:
         message = error["msg"].removeprefix("Value error, ")
         if "input" in error and not isinstance(error["input"], (dict, list)):
             message += f" (got {error['input']!r})"
+        if not loc and ": " in message:  # whole-config rules name their key first: "deepspeed.stage: ..."
+            key, message = message.split(": ", 1)
+            where = _origin(tuple(int(p) if p.isdigit() else p for p in key.split(".")), origins)
     more = len(exc.errors()) - 1
     suffix = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
     return f"{where}: {key}: {message}{suffix}"
@@ -377,7 +381,9 @@ def _check_paths(config: RunConfig, origins: dict[tuple, str]) -> None:
 
 
 def looks_local(name: str) -> bool:
-    """A path (./x, /x, x/y/z, or anything that exists) rather than a hub id like 'org/name'."""
+    """A path (./x, /x, x/y/z, a data file by its suffix, or anything that exists) rather than a hub id 'org/name'."""
+    if name.lower().endswith(DATA_SUFFIXES):
+        return True
     if name.startswith("tunekit:"):  # a shipped architecture config (src/tunekit/model_configs/), for estimates only
         return False
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") != 1
