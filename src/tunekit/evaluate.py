@@ -9,9 +9,9 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], max_new_token
                          batch_size: int = 16) -> list[str]:
     """Return the greedy completion of each prompt: the new tokens up to (not including) eos, decoded and stripped.
 
-    Each prompt is tokenized without special tokens and bos is put first explicitly, as in the training data.
-    Batches are left-padded so every row's new tokens start at the same column. The tokenizer's padding side and the
-    model's training mode are restored afterwards."""
+    Each prompt is tokenized without special tokens and bos is put first explicitly, as in the training data (unless
+    the prompt text already starts with it, as chat templates render it). Batches are left-padded so every row's new
+    tokens start at the same column. The tokenizer's padding side and the model's training mode are restored."""
     import torch
 
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -25,7 +25,8 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], max_new_token
         with torch.no_grad():
             for start in range(0, len(prompts), batch_size):
                 chunk = list(prompts[start:start + batch_size])
-                ids = [[bos] + row for row in tokenizer(chunk, add_special_tokens=False)["input_ids"]]
+                ids = [([bos] if bos is not None and not text.startswith(tokenizer.bos_token) else []) + row
+                       for text, row in zip(chunk, tokenizer(chunk, add_special_tokens=False)["input_ids"])]
                 batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")  # left-padded [b, max_prompt_len]
                 input_ids = batch["input_ids"].to(device)
                 out = model.generate(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device),

@@ -2,9 +2,9 @@
 
 Nothing here downloads anything: the "general text" corpus is generated from templates and word lists with a seeded
 RNG, a byte-level BPE tokenizer is trained on it, and a small Llama is pretrained on it for a minute or two on CPU.
-The pretraining text also holds Alpaca-formatted examples of *sister* tasks (repeat the words, first word, last word)
-so the base knows the format and can copy, but it never sees the demo task (reverse the words): the base scores
-~0 on it and LoRA has something to teach.
+Pretraining also sees Alpaca-formatted examples of *sister* tasks on digit strings (repeat them, first digit, last
+digit), so the base knows the format and can copy, but never the demo task (reverse the digits): the base scores 0 on
+it and LoRA has something to teach (held-out exact match 0.00 -> 0.95 after 300 LoRA steps, ~15 s on one core).
 
     build_tiny_base(out_dir, preset="demo")  -> out_dir (model + tokenizer + general_eval.jsonl + tunekit_tiny.json)
     write_demo_task(out_dir)                 -> {"train": ..., "eval": ...} (+ chat/prompt_completion/text variants)
@@ -20,30 +20,27 @@ import shutil
 import time
 from pathlib import Path
 
-# Bump when the corpus, tokenizer, model or pretraining code changes: it is part of the cache hash, so old builds
-# are rebuilt instead of silently reused.
-BUILD_VERSION = 1
-
 BOS, EOS, PAD, USER, ASSISTANT = "<|begin|>", "<|end|>", "<|pad|>", "<|user|>", "<|assistant|>"
 STAMP_NAME = "tunekit_tiny.json"
 GENERAL_EVAL_NAME = "general_eval.jsonl"
 
-# Sizes and step counts per preset. Budgets on 2 CPU cores: demo ~2.5 min, test well under 40 s.
+# Sizes and step counts per preset. Measured on one core of a 2-core machine: demo 1.06M parameters, built in
+# 95-115 s; test 0.2M parameters, 5-15 s.
 PRESETS: dict[str, dict] = {
     "demo": {
-        "corpus_chars": 2_000_000,  # general text the tokenizer is trained on (and pretraining draws from)
+        "corpus_chars": 2_000_000,  # general text: tokenizer training, general pretraining stream, held-out lines
         "vocab_size": 2000,
-        "hidden_size": 192,
-        "intermediate_size": 768,
-        "num_hidden_layers": 4,
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 3,
         "num_attention_heads": 4,
         "max_position_embeddings": 512,
-        "pretrain_steps": 600,
-        "pretrain_batch_size": 16,  # sequences per step
-        "pretrain_seq_len": 128,  # tokens per sequence (documents are packed)
-        "pretrain_lr": 3e-3,
-        "task_fraction": 0.5,  # share of pretraining documents that are Alpaca sister-task examples
-        "general_eval_lines": 200,
+        "pretrain_steps": 1000,  # copying emerges at ~600-800 steps with lr 1e-3; 2e-3 learned nothing in 1000
+        "pretrain_batch_size": 4,  # general-text sequences per step
+        "pretrain_seq_len": 64,  # tokens per general-text sequence (paragraphs are packed)
+        "pretrain_task_batch_size": 16,  # Alpaca sister-task examples per step (loss on the answer only)
+        "pretrain_lr": 1e-3,
+        "general_eval_lines": 200,  # held-out paragraphs written to general_eval.jsonl
     },
     "test": {
         "corpus_chars": 200_000,
@@ -53,11 +50,11 @@ PRESETS: dict[str, dict] = {
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "max_position_embeddings": 256,
-        "pretrain_steps": 60,
+        "pretrain_steps": 150,
         "pretrain_batch_size": 8,
         "pretrain_seq_len": 64,
-        "pretrain_lr": 3e-3,
-        "task_fraction": 0.5,
+        "pretrain_task_batch_size": 16,
+        "pretrain_lr": 2e-3,
         "general_eval_lines": 200,
     },
 }
@@ -79,15 +76,12 @@ CHAT_TEMPLATE = (
 )
 
 # ---------------------------------------------------------------------------------------------------------------
-# Word lists for the generated corpus. TASK_WORDS are the words the Alpaca tasks are built from; they also occur in
-# the general text so the tokenizer gives most of them a single token (with and without the leading space).
+# Word lists for the generated corpus.
 # ---------------------------------------------------------------------------------------------------------------
-TASK_WORDS = (
+NOUNS = (
     "apple bird boat book bread car cat chair cloud coat cup desk dog door egg fish flag frog girl goat hat horse "
     "house key king lamp leaf lion milk moon mouse nest pen pig queen rain ring river road rock rose sand ship shoe "
-    "sky snow sock star stone sun table tent tree truck wall water whale wind window wolf wood"
-).split()
-NOUNS = TASK_WORDS + (
+    "sky snow sock star stone sun table tent tree truck wall water whale wind window wolf wood "
     "garden teacher farmer doctor child baby student friend letter basket bottle candle pencil picture "
     "kitten puppy rabbit turtle bridge hill forest island field village city market kitchen"
 ).split()
@@ -181,47 +175,50 @@ def generate_corpus(n_chars: int, seed: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Alpaca tasks. The demo task (reverse) is only in write_demo_task's files; the sister tasks are only in pretraining.
+# Alpaca tasks on strings of distinct digits. The tokenizer splits digits one per token, so a digit is the same token
+# in the input and in the answer (a word is not: "cat" after a newline and " cat" after a space are different
+# tokens, and learning that map for every word costs a tiny model thousands of steps). Distinct digits keep "find
+# this digit in the input" unambiguous. The demo task (reverse) is only in write_demo_task's files; the sister tasks
+# are only in pretraining, so the base can copy and knows the format but has never reversed anything.
 # ---------------------------------------------------------------------------------------------------------------
-DEMO_INSTRUCTION = "Reverse the order of the words."
+DEMO_INSTRUCTION = "Reverse the digits."
 SISTER_TASKS = {
-    "Repeat the words.": lambda words: words,
-    "Write the first word.": lambda words: words[:1],
-    "Write the last word.": lambda words: words[-1:],
+    "Repeat the digits.": lambda digits: digits,
+    "Write the first digit.": lambda digits: digits[0],
+    "Write the last digit.": lambda digits: digits[-1],
 }
-MIN_WORDS, MAX_WORDS = 3, 5  # words per task input
+MIN_DIGITS, MAX_DIGITS = 3, 6  # digits per task input: 151,200 distinct 6-digit inputs alone
 
 
-def render_alpaca_prompt(instruction: str, input_text: str = "") -> str:
-    """Return the Alpaca prompt (everything before the response) — the same rendering as tunekit.data uses."""
-    if input_text:
-        return f"### Instruction:\n{instruction}\n\n### Input:\n{input_text}\n\n### Response:\n"
-    return f"### Instruction:\n{instruction}\n\n### Response:\n"
-
-
-def _word_list(rng: random.Random) -> list[str]:
-    """Return 3-5 distinct task words in random order."""
-    return rng.sample(TASK_WORDS, rng.randint(MIN_WORDS, MAX_WORDS))
+def _digits(rng: random.Random) -> str:
+    """Return 3-6 distinct digits in random order, as a string ("3815")."""
+    return "".join(rng.sample("0123456789", rng.randint(MIN_DIGITS, MAX_DIGITS)))
 
 
 def _sister_example(rng: random.Random) -> dict:
     """Return one Alpaca record of a sister task (or a no-input "write a sentence" one) for pretraining."""
-    if rng.random() < 0.15:  # exercises the no-input form of the template
+    if rng.random() < 0.1:  # exercises the no-input form of the template
         noun = rng.choice(NOUNS)
-        sentence = _sentence(rng)
         return {"instruction": f"Write a sentence about the word {noun}.", "input": "",
-                "output": f"The {noun} is here. {sentence}"}
+                "output": f"The {noun} is here. {_sentence(rng)}"}
     instruction = rng.choice(list(SISTER_TASKS))
-    words = _word_list(rng)
-    return {"instruction": instruction, "input": " ".join(words), "output": " ".join(SISTER_TASKS[instruction](words))}
+    digits = _digits(rng)
+    return {"instruction": instruction, "input": digits, "output": SISTER_TASKS[instruction](digits)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Building the base
 # ---------------------------------------------------------------------------------------------------------------
-def _build_hash(preset: str, seed: int) -> str:
-    """Return a short hash of everything that determines the build (preset values, seed, BUILD_VERSION)."""
-    params = {"preset": preset, "values": PRESETS[preset], "seed": seed, "version": BUILD_VERSION}
+def build_hash(preset: str, seed: int) -> str:
+    """Return a short hash of everything that determines the build: the preset's values, the seed, this module's
+    source and the versions of the libraries that compute it (an edit here or an upgrade means a rebuild)."""
+    from importlib.metadata import version
+
+    params = {
+        "preset": preset, "values": PRESETS[preset], "seed": seed,
+        "source": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "libraries": {name: version(name) for name in ("torch", "transformers", "tokenizers")},
+    }
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -235,11 +232,16 @@ def _read_stamp(out_dir: Path) -> dict | None:
 
 def is_cached(out_dir: str | os.PathLike, preset: str = "demo", seed: int = 0) -> bool:
     """Return True when `out_dir` holds a finished build with the same preset, seed and build parameters."""
-    stamp = _read_stamp(Path(out_dir))
-    return stamp is not None and stamp.get("hash") == _build_hash(preset, seed)
+    return _stamp_matches(Path(out_dir), build_hash(preset, seed))
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
+def _stamp_matches(out_dir: Path, expected_hash: str) -> bool:
+    """Return True when `out_dir` holds a finished build (its stamp is written last) whose hash is `expected_hash`."""
+    stamp = _read_stamp(out_dir)
+    return stamp is not None and stamp.get("hash") == expected_hash
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, model_max_length: int):
     """Return a `PreTrainedTokenizerFast` (byte-level BPE trained on `texts`) with tunekit's special tokens and chat
     template. It adds no special tokens by itself: callers put bos first explicitly. Padding is on the right."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -247,58 +249,76 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
     specials = [BOS, EOS, PAD, USER, ASSISTANT]  # ids 0..4, in this order
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # One token per digit (the tasks copy digits), then GPT-2 style byte-level splitting.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                         extra_special_tokens=[USER, ASSISTANT], padding_side="right",
-                                        model_max_length=None)
+                                        model_max_length=model_max_length)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
 def check_chat_template(tokenizer) -> None:
-    """Raise AssertionError unless the assistant mask covers exactly the assistant content plus its `<|end|>`."""
-    messages = [{"role": "user", "content": "Repeat the words: cat dog"},
+    """Raise RuntimeError unless the assistant mask covers exactly the assistant content plus its `<|end|>`."""
+    messages = [{"role": "user", "content": "Repeat the words.\ncat dog"},
                 {"role": "assistant", "content": "cat dog"}]
     out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                         return_assistant_tokens_mask=True)
     ids, mask = out["input_ids"], out["assistant_masks"]
     masked = [i for i, m in zip(ids, mask) if m]
     expected = tokenizer("cat dog", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert masked == expected, f"assistant mask covers {tokenizer.decode(masked)!r}, expected 'cat dog<|end|>'"
+    if masked != expected:
+        raise RuntimeError(f"assistant mask covers {tokenizer.decode(masked)!r}, expected 'cat dog<|end|>'")
 
 
-def _pretrain_documents(corpus: list[str], n_docs: int, task_fraction: float, seed: int) -> list[str]:
-    """Return `n_docs` pretraining documents: general paragraphs mixed with Alpaca sister-task texts (with eos)."""
-    rng = random.Random(f"pretrain-{seed}")
-    docs = []
-    for _ in range(n_docs):
-        if rng.random() < task_fraction:
-            ex = _sister_example(rng)
-            docs.append(render_alpaca_prompt(ex["instruction"], ex["input"]) + ex["output"] + EOS)
-        else:
-            docs.append(rng.choice(corpus) + EOS)
-    return docs
+def encode_alpaca(tokenizer, record: dict) -> tuple[list[int], list[int]]:
+    """Return (input_ids, labels) for one Alpaca record through tunekit's own data pipeline, exactly as fine-tuning
+    will see it: bos + prompt + output + eos, labels -100 on bos and the prompt (loss on output + eos only)."""
+    from tunekit.data import segments, tokenize
+
+    encoded = tokenize(segments(record, "alpaca", tokenizer), tokenizer, max_seq_len=1 << 30, completion_only=True)
+    return encoded["input_ids"], encoded["labels"]
 
 
 def _pack(tokenizer, docs: list[str], seq_len: int):
-    """Return a LongTensor [n_blocks, seq_len]: bos + document tokens (each ending in eos), concatenated and cut."""
+    """Return a LongTensor [n_blocks, seq_len]: bos + document + eos for each document, concatenated and cut."""
     import torch
 
     stream: list[int] = []
     for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-        stream += [tokenizer.bos_token_id] + ids
+        stream += [tokenizer.bos_token_id] + ids + [tokenizer.eos_token_id]
     n_blocks = len(stream) // seq_len
     return torch.tensor(stream[: n_blocks * seq_len]).view(n_blocks, seq_len)
 
 
-def pretrain(model, blocks, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
-    """Train `model` as a causal LM on `blocks` ([n, seq_len] token ids) for `steps` AdamW steps (fp32, CPU).
+def _pad_right(rows: list[tuple[list[int], list[int]]], pad_id: int):
+    """Return (input_ids, attention_mask, labels), each a LongTensor [len(rows), longest row], padded on the right."""
+    import torch
 
-    Warmup is 5% of the steps, then cosine decay to 10% of `lr`. Returns the loss of every step."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100)
+    for i, (ids, labs) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        labels[i, : len(labs)] = torch.tensor(labs)
+    return input_ids, attention_mask, labels
+
+
+def pretrain(model, blocks, task_rows: list[tuple[list[int], list[int]]], steps: int, batch_size: int,
+             task_batch_size: int, lr: float, pad_id: int, seed: int) -> list[float]:
+    """Pretrain `model` for `steps` AdamW steps (fp32, CPU) and return the loss of every step.
+
+    Each step sums two causal-LM losses: one on `batch_size` random general-text `blocks` ([n, seq_len] ids, loss on
+    every token) and one on the next `task_batch_size` Alpaca sister-task rows (loss on output + eos only, as in
+    fine-tuning). Without the second stream the few answer tokens drown in general text and the base never learns
+    to copy within a CPU-minute budget. Warmup is 5% of the steps, then cosine decay to 10% of `lr`."""
     import math
 
     import torch
@@ -318,17 +338,19 @@ def pretrain(model, blocks, steps: int, batch_size: int, lr: float, seed: int) -
     losses = []
     bar = tqdm(range(steps), desc="pretraining tiny base", disable=None)  # disable=None: off when not a tty
     for step in bar:
-        idx = torch.randint(len(blocks), (batch_size,), generator=gen)
-        batch = blocks[idx]  # [batch_size, seq_len]
-        loss = model(input_ids=batch, labels=batch).loss  # labels are shifted inside the model
-        loss.backward()
+        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=gen)]  # [batch_size, seq_len]
+        general_loss = model(input_ids=batch, labels=batch).loss  # labels are shifted inside the model
+        rows = task_rows[step * task_batch_size: (step + 1) * task_batch_size]
+        input_ids, attention_mask, labels = _pad_right(rows, pad_id)
+        task_loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        (general_loss + task_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        losses.append(general_loss.item() + task_loss.item())
+        bar.set_postfix(general=f"{general_loss.item():.3f}", task=f"{task_loss.item():.3f}")
     model.eval()
     return losses
 
@@ -355,6 +377,64 @@ def _new_model(tokenizer, values: dict, seed: int):
     return LlamaForCausalLM(config).to(torch.float32)
 
 
+def train_base(preset: str, seed: int = 0):
+    """Generate the corpus, train the tokenizer and pretrain a fresh model for `preset`, in memory.
+
+    Returns (model, tokenizer, general_eval_lines, losses): the fp32 LlamaForCausalLM in eval mode, its
+    PreTrainedTokenizerFast, the held-out general-text paragraphs (never trained on) and the per-step losses."""
+    import torch
+
+    from tunekit.data import alpaca_prompt
+
+    values = PRESETS[preset]
+    threads = torch.get_num_threads()
+    # One thread: these matmuls are too small to split, and on a busy 2-core machine 2 threads ran 8x slower
+    # (OpenMP workers spin waiting for each other). A fixed count also keeps the build bit-for-bit reproducible.
+    torch.set_num_threads(1)
+    try:
+        corpus = generate_corpus(values["corpus_chars"], seed)
+        n_eval = values["general_eval_lines"]
+        eval_lines = corpus[-n_eval:]
+        held_out = set(eval_lines)
+        train_lines = [line for line in corpus[:-n_eval] if line not in held_out]
+
+        rng = random.Random(f"sister-{seed}")
+        sister = [_sister_example(rng) for _ in range(values["pretrain_steps"] * values["pretrain_task_batch_size"])]
+        # Trained on the general text plus as many Alpaca texts, so the template's pieces get their own tokens.
+        sister_texts = [alpaca_prompt(r) + r["output"] for r in sister]
+        tokenizer = train_tokenizer(train_lines + sister_texts[:len(train_lines)], values["vocab_size"],
+                                    model_max_length=values["max_position_embeddings"])
+        check_chat_template(tokenizer)
+
+        model = _new_model(tokenizer, values, seed)
+        blocks = _pack(tokenizer, train_lines, values["pretrain_seq_len"])
+        task_rows = [encode_alpaca(tokenizer, r) for r in sister]
+        losses = pretrain(model, blocks, task_rows, values["pretrain_steps"], values["pretrain_batch_size"],
+                          values["pretrain_task_batch_size"], values["pretrain_lr"], tokenizer.pad_token_id, seed)
+    finally:
+        torch.set_num_threads(threads)
+    return model, tokenizer, eval_lines, losses
+
+
+def _check_reload(path: Path, model, tokenizer) -> None:
+    """Raise RuntimeError unless `path` loads back (Auto classes) to the same logits and token ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunekit.data import alpaca_prompt
+
+    text = alpaca_prompt({"instruction": "Repeat the digits.", "input": "3815"}) + "3815"
+    loaded_tok = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if loaded_tok(text, add_special_tokens=False)["input_ids"] != ids:
+        raise RuntimeError(f"tokenizer saved to {path} does not reload exactly")
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    x = torch.tensor([[tokenizer.bos_token_id] + ids])
+    with torch.no_grad():
+        if not torch.equal(loaded(x).logits, model.eval()(x).logits):
+            raise RuntimeError(f"model saved to {path} does not reload exactly")
+
+
 def build_tiny_base(out_dir: str | os.PathLike, preset: str = "demo", seed: int = 0, force: bool = False) -> Path:
     """Build (or reuse) the tiny pretrained Llama base in `out_dir` and return `out_dir` as a Path.
 
@@ -369,90 +449,63 @@ def build_tiny_base(out_dir: str | os.PathLike, preset: str = "demo", seed: int 
     if not force and is_cached(out_dir, preset, seed):
         return out_dir
 
-    import torch
-
-    values = PRESETS[preset]
     start = time.time()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))  # tiny matmuls: more threads than cores only hurts
-    try:
-        corpus = generate_corpus(values["corpus_chars"], seed)
-        # Held-out general text for the forgetting monitor: lines the model never trains on.
-        n_eval = values["general_eval_lines"]
-        train_corpus, eval_corpus = corpus[:-n_eval], corpus[-n_eval:]
-        held_out = set(eval_corpus)
-        train_corpus = [line for line in train_corpus if line not in held_out]
-
-        tokenizer = train_tokenizer(train_corpus, values["vocab_size"])
-        check_chat_template(tokenizer)
-        model = _new_model(tokenizer, values, seed)
-
-        n_tokens = values["pretrain_steps"] * values["pretrain_batch_size"] * values["pretrain_seq_len"]
-        n_docs = n_tokens // 40 + 100  # ~40+ tokens per document: enough text that blocks rarely repeat
-        docs = _pretrain_documents(train_corpus, n_docs, values["task_fraction"], seed)
-        blocks = _pack(tokenizer, docs, values["pretrain_seq_len"])
-        losses = pretrain(model, blocks, values["pretrain_steps"], values["pretrain_batch_size"],
-                          values["pretrain_lr"], seed)
-    finally:
-        torch.set_num_threads(threads)
-
+    model, tokenizer, eval_lines, losses = train_base(preset, seed)
     tmp = out_dir.parent / f"{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    with open(tmp / GENERAL_EVAL_NAME, "w") as f:
-        for line in eval_corpus:
-            f.write(json.dumps({"text": line}) + "\n")
+    _check_reload(tmp, model, tokenizer)
+    _write_jsonl(tmp / GENERAL_EVAL_NAME, [{"text": line} for line in eval_lines])
+    last = losses[-20:]
     stamp = {
-        "preset": preset, "seed": seed, "hash": _build_hash(preset, seed), "build_version": BUILD_VERSION,
-        "values": values, "parameters": sum(p.numel() for p in model.parameters()),
-        "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4), "build_seconds": round(time.time() - start, 1),
+        "preset": preset, "seed": seed, "hash": build_hash(preset, seed), "values": PRESETS[preset],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "final_loss": round(sum(last) / len(last), 4),  # general + task loss, mean of the last 20 steps
+        "build_seconds": round(time.time() - start, 1),
     }
     (tmp / STAMP_NAME).write_text(json.dumps(stamp, indent=2) + "\n")  # written last: marks the build finished
-    _replace_dir(tmp, out_dir, stamp["hash"])
+    _replace_dir(tmp, out_dir, stamp["hash"], force)
     return out_dir
 
 
-def _replace_dir(tmp: Path, out_dir: Path, build_hash: str) -> None:
-    """Move the finished build `tmp` to `out_dir`, replacing an older build there.
+def _replace_dir(tmp: Path, out_dir: Path, build_hash: str, force: bool) -> None:
+    """Move the finished build `tmp` to `out_dir`, replacing whatever is there.
 
-    If another process finished the same build first, keep theirs and drop ours."""
-    if out_dir.exists():
-        stamp = _read_stamp(out_dir)
-        if stamp is not None and stamp.get("hash") == build_hash and not _same_file(tmp, out_dir):
-            # A concurrent build of the same parameters won the race; both are identical (deterministic).
-            shutil.rmtree(tmp, ignore_errors=True)
+    If a concurrent process finished the same build first (same hash), keep theirs unless `force`: the two are
+    identical, and theirs may already be in use."""
+    for _ in range(3):  # another process may rename its build into place between our steps
+        if out_dir.exists():
+            if not force and _stamp_matches(out_dir, build_hash):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            old = out_dir.parent / f"{out_dir.name}.old-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            out_dir.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            tmp.rename(out_dir)
             return
-        old = out_dir.parent / f"{out_dir.name}.old-{os.getpid()}"
-        out_dir.rename(old)
-        shutil.rmtree(old, ignore_errors=True)
-    tmp.rename(out_dir)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """Return True when `a` and `b` are the same directory on disk."""
-    try:
-        return a.samefile(b)
-    except OSError:
-        return False
+        except OSError:
+            continue
+    raise RuntimeError(f"could not move the tiny base build {tmp} to {out_dir}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The demo task files
 # ---------------------------------------------------------------------------------------------------------------
 def demo_examples(n: int, seed: int = 0) -> list[dict]:
-    """Return `n` distinct Alpaca records of the demo task (reverse 3-5 words), deterministic in `seed`."""
+    """Return `n` Alpaca records of the demo task (reverse 3-6 distinct digits) with distinct inputs, deterministic
+    in `seed`."""
     rng = random.Random(f"demo-{seed}")
     seen, records = set(), []
     while len(records) < n:
-        words = _word_list(rng)
-        key = " ".join(words)
-        if key in seen:
-            continue
-        seen.add(key)
-        records.append({"instruction": DEMO_INSTRUCTION, "input": key, "output": " ".join(reversed(words))})
+        digits = _digits(rng)
+        if digits not in seen:
+            seen.add(digits)
+            records.append({"instruction": DEMO_INSTRUCTION, "input": digits, "output": digits[::-1]})
     return records
 
 
@@ -473,15 +526,17 @@ def write_demo_task(out_dir: str | os.PathLike, n_train: int = 2000, n_eval: int
     and an assistant turn), prompt_completion.jsonl (`prompt` = rendered Alpaca prompt, `completion` = output) and
     text.jsonl (`text` = prompt + output, no eos: the pipeline appends it).
     """
+    from tunekit.data import alpaca_prompt
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = demo_examples(n_train + n_eval, seed)  # all inputs distinct, so the split is disjoint
-    train, eval_ = records[:n_train], records[n_train:]
+    # All inputs are distinct, so the split is disjoint; eval comes first so it does not depend on n_train.
+    records = demo_examples(n_eval + n_train, seed)
+    eval_, train = records[:n_eval], records[n_eval:]
     variants = train[:n_variants]
     chat = [{"messages": [{"role": "user", "content": f"{r['instruction']}\n{r['input']}"},
                           {"role": "assistant", "content": r["output"]}]} for r in variants]
-    prompt_completion = [{"prompt": render_alpaca_prompt(r["instruction"], r["input"]), "completion": r["output"]}
-                         for r in variants]
+    prompt_completion = [{"prompt": alpaca_prompt(r), "completion": r["output"]} for r in variants]
     text = [{"text": p["prompt"] + p["completion"]} for p in prompt_completion]
     return {
         "train": _write_jsonl(out_dir / "train.jsonl", train),
