@@ -10,6 +10,8 @@ TORCH   ?= torch==2.13.0
 # DeepSpeed compiles a small op on first use (~60 s): keep it between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
+# One thread per process: on 2 shared cores more threads were 8-25x slower (CPU-STACK.md, tiny.py).
+export OMP_NUM_THREADS ?= 1
 export WANDB_MODE ?= offline
 
 CONFIG  ?= configs/tiny-lora.yaml
