@@ -19,6 +19,7 @@ from tunekit.backends.common import count_params, full_weights, load_tokenizer, 
 from tunekit.callbacks import build_callbacks, peak_memory_bytes
 from tunekit.config import RunConfig
 from tunekit.data import prepare_data, read_rows
+from tunekit.errors import UserError
 
 # method -> function(config, tokenizer) -> model ready to train. QLoRA is LoRA with a 4-bit base.
 BACKENDS = {"full": full.build_model, "lora": lora.build_model, "qlora": lora.build_model}
@@ -29,6 +30,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: str | None = None,
     """Run one fine-tuning job; returns the summary (also written to OUTPUT_DIR/summary.json)."""
     started = time.time()
     rundir.check_output_dir(config.output_dir, overwrite, resume)
+    check_trackers(config)
     checkpoint = resume_checkpoint(config, resume)  # a bad --resume fails before anything is loaded
     preflight = run_preflight(config, force)
     tokenizer = load_tokenizer(config)
@@ -51,6 +53,22 @@ def train(config: RunConfig, overwrite: bool = False, resume: str | None = None,
         write_run_report(config, trainer, summary)
         print_summary(summary)
     return summary
+
+
+def check_trackers(config: RunConfig) -> None:
+    """wandb online with no credentials would fail after the model loads (or hang on a prompt): refuse up front."""
+    if "wandb" not in config.logging.report_to:
+        return
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _netrc_text()
+    if mode not in ("offline", "disabled", "dryrun") and not has_key:
+        raise UserError("logging.report_to: wandb has no API key here; set WANDB_API_KEY (never in the config) "
+                        "or WANDB_MODE=offline to log locally")
+
+
+def _netrc_text() -> str:
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return path.read_text(errors="ignore") if path.is_file() else ""
 
 
 def run_preflight(config: RunConfig, force: bool) -> dict:
