@@ -43,7 +43,10 @@ tiny: venv
 demo: tiny
 	$(TUNEKIT) train configs/demo.yaml --overwrite
 	$(TUNEKIT) merge runs/demo --out runs/demo/merged --overwrite
-	@echo "demo run: runs/demo (summary.json, report.md, final/, merged/)"
+	# LoRA vs full fine-tuning (ZeRO-3, one process) at equal training FLOPs, side by side (~2 min)
+	$(TUNEKIT) compare configs/demo.yaml configs/tiny-full-zero3.yaml --budget flops --out runs/demo-compare \
+		--overwrite --set data.max_seq_len=64 --set eval.task_samples=32
+	@echo "demo run: runs/demo (summary.json, report.md, final/, merged/); comparison: runs/demo-compare/compare.md"
 
 train: tiny
 	$(TUNEKIT) train $(CONFIG) $(ARGS)
