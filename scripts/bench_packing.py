@@ -246,7 +246,7 @@ def trainer_batch_check(model, config_path: str, overrides: list[str], nll_sum) 
 
     config = load(config_path, overrides)
     tokenizer = load_tokenizer(config)
-    trainer = build_trainer(config, training_arguments(config), model, tokenizer, prepare_data(config, tokenizer), None)
+    trainer = build_trainer(config, training_arguments(config), model, tokenizer, prepare_data(config, tokenizer))
     batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
         packed = model(**batch).loss.item()  # mean over the batch's label tokens

@@ -19,7 +19,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _load(args)
     from tunekit.train import train  # heavy imports only now that the config is known to be valid
 
-    train(config, overwrite=args.overwrite, resume=args.resume, force=args.force, config_path=args.config)
+    train(config, overwrite=args.overwrite, resume=args.resume, force=args.force)
     return 0
 
 

@@ -25,8 +25,7 @@ from tunekit.errors import UserError
 BACKENDS = {"full": full.build_model, "lora": lora.build_model, "qlora": lora.build_model}
 
 
-def train(config: RunConfig, overwrite: bool = False, resume: str | None = None, force: bool = False,
-          config_path: str | None = None) -> dict:
+def train(config: RunConfig, overwrite: bool = False, resume: str | None = None, force: bool = False) -> dict:
     """Run one fine-tuning job; returns the summary (also written to OUTPUT_DIR/summary.json)."""
     started = time.time()
     rundir.check_output_dir(config.output_dir, overwrite, resume)
@@ -42,7 +41,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: str | None = None,
     if args.process_index == 0:
         rundir.create(config, overwrite, resume)
     metric_before = task_metric(model, tokenizer, data, config)
-    trainer = build_trainer(config, args, model, tokenizer, data, metric_before, checkpoint)
+    trainer = build_trainer(config, args, model, tokenizer, data, checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
     final_dir = save_final(trainer, tokenizer, config)
     eval_loss = trainer.evaluate()["eval_loss"] if data.eval is not None else None
@@ -93,7 +92,7 @@ def task_metric(model, tokenizer, data, config: RunConfig) -> float | None:
                            batch_size=config.training.per_device_eval_batch_size)
 
 
-def build_trainer(config: RunConfig, args, model, tokenizer, data, metric_before, resume_from: str | None = None):
+def build_trainer(config: RunConfig, args, model, tokenizer, data, resume_from: str | None = None):
     from trl import SFTTrainer
 
     return SFTTrainer(
