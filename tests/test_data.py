@@ -167,3 +167,11 @@ def test_inspect_data_marks_loss_tokens_and_reports_shares(tiny_base, tmp_path):
     assert "«x<|end|>»" in report
     assert "carries loss in 8/8 examples" in report
     assert "100.0%" in report
+
+
+def test_a_training_set_truncated_to_nothing_is_a_clear_error(tiny_base, tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "word " * 40, "completion": " end"}] * 3)
+    cfg = make_config(tiny_base, tmp_path, [{"path": str(path), "format": "prompt_completion"}],
+                      max_seq_len=8, eval_fraction=0)
+    with pytest.raises(UserError, match="data.max_seq_len: every training example lost all its loss tokens"):
+        data.prepare_data(cfg, tokenizer)

@@ -240,6 +240,9 @@ def prepare_data(config: RunConfig, tokenizer) -> PreparedData:
         stats[source.path] = _source_stats(encoded, len(rows))
         # Examples whose loss tokens were all truncated away would train nothing: dropped, and counted in stats.
         train_examples += [e for e in encoded if has_loss(e)]
+    if not train_examples:
+        raise UserError(f"data.max_seq_len: every training example lost all its loss tokens to truncation at "
+                        f"{config.data.max_seq_len} tokens; raise data.max_seq_len")
     total_tokens = sum(s["tokens"] for s in stats.values()) or 1
     for s in stats.values():
         s["token_share"] = s["tokens"] / total_tokens

@@ -168,6 +168,9 @@ def training_arguments(config: RunConfig, deepspeed_config: dict | None = None):
         # data: already tokenized, masked and truncated by tunekit.data; TRL only packs.
         max_length=config.data.max_seq_len,
         packing=config.data.packing,
+        # tunekit.data already truncated, masked and dropped loss-less examples: TRL's own pass would only redo it
+        # (uncached, on every run). With packing TRL must still run it, to pack.
+        dataset_kwargs={"skip_prepare_dataset": not config.data.packing},
         packing_strategy="bfd",  # best-fit packing with per-example position_ids: no attention across examples
         padding_free=config.data.packing,
         dataset_num_proc=None,
