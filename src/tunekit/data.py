@@ -16,13 +16,13 @@ import hashlib
 import json
 import os
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunekit.config import RunConfig, SourceConfig, looks_local
 from tunekit.errors import UserError
+from tunekit.rundir import write_text_atomically
 
 IGNORE_INDEX = -100  # label value that the loss skips
 CACHE_VERSION = 2  # bump when tokenization changes, so stale caches are not reused
@@ -313,7 +313,7 @@ def _encode_cached(rows: list[dict], fmt: str, tokenizer, config: RunConfig) -> 
             tokenize(segments(row, fmt, tokenizer), tokenizer, config.data.max_seq_len, config.data.completion_only_loss)
             for row in tqdm(rows, desc=f"tokenizing ({fmt})", leave=False, disable=len(rows) < 2000)
         ]
-        _write_atomically(cache_file, "".join(json.dumps(e) + "\n" for e in encoded))
+        write_text_atomically(cache_file, "".join(json.dumps(e) + "\n" for e in encoded))
     return encoded
 
 
@@ -321,14 +321,6 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     extra = [tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token, type(tokenizer).__name__]
     return hashlib.sha256((vocab + json.dumps(extra, default=str)).encode()).hexdigest()
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write to a temp name and rename: concurrent ranks or a crash never leave a half-written cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- inspection

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from tunekit.config import RunConfig, RunConfig as _RunConfig
+from tunekit.config import RunConfig
 from tunekit.errors import UserError
 
 
@@ -37,7 +37,9 @@ def create(config: RunConfig, overwrite: bool, resume: str | None) -> Path:
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write to a per-process temp name and rename: a crash or a concurrent rank never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
@@ -52,6 +54,6 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
     config_file, summary_file = path / "config.yaml", path / "summary.json"
     if not config_file.is_file():
         raise UserError(f"{run_dir}: not a tunekit run directory (no config.yaml)")
-    config = _RunConfig.model_validate(yaml.safe_load(config_file.read_text()))
+    config = RunConfig.model_validate(yaml.safe_load(config_file.read_text()))
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     return config, summary
