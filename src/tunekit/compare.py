@@ -54,22 +54,21 @@ def compare(config_a: str, config_b: str, budget: str = "flops", amount: float |
 
 def flops_per_step(cfg: config_mod.RunConfig) -> float:
     """Training FLOPs of one optimizer step at full sequence length (the estimate's formula)."""
-    from tunekit.estimate import count_params, training_flops
-
-    shape = count_params(cfg.model.name_or_path, cfg.lora, cfg.method, len(cfg.model.add_tokens))
     t = cfg.training
-    tokens = t.per_device_train_batch_size * t.gradient_accumulation_steps * cfg.data.max_seq_len
-    return training_flops(shape, method=cfg.method, tokens=tokens, seq_len=cfg.data.max_seq_len,
-                          gradient_checkpointing=t.gradient_checkpointing)
+    return _flops(cfg, t.per_device_train_batch_size * t.gradient_accumulation_steps * cfg.data.max_seq_len)
 
 
 def spent_flops(cfg: config_mod.RunConfig, summary: dict) -> float:
     """FLOPs the run actually spent: the formula applied to the tokens it really saw."""
+    return _flops(cfg, summary.get("tokens_seen") or 0)
+
+
+def _flops(cfg: config_mod.RunConfig, tokens: float) -> float:
     from tunekit.estimate import count_params, training_flops
 
     shape = count_params(cfg.model.name_or_path, cfg.lora, cfg.method, len(cfg.model.add_tokens))
-    return training_flops(shape, method=cfg.method, tokens=summary.get("tokens_seen") or 0,
-                          seq_len=cfg.data.max_seq_len, gradient_checkpointing=cfg.training.gradient_checkpointing)
+    return training_flops(shape, method=cfg.method, tokens=tokens, seq_len=cfg.data.max_seq_len,
+                          gradient_checkpointing=cfg.training.gradient_checkpointing)
 
 
 def plan_steps(configs: list, budget: str, amount: float | None) -> tuple[list[int], float | None]:
