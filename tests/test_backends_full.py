@@ -1,4 +1,5 @@
-"""Full fine-tuning under DeepSpeed ZeRO-3: the generated/user DeepSpeed config, and the real thing with 2 processes.
+"""DeepSpeed ZeRO (backends/deepspeed.py, every method) and full fine-tuning under ZeRO-3: the generated/user DeepSpeed
+config, and the real thing with 2 processes.
 
 The 2-process run goes through the shipped launcher config exactly as a user types it
 (`accelerate launch --config_file configs/accelerate/cpu-2proc-zero3.yaml -m tunekit train configs/tiny-full-zero3.yaml`),
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tunekit import config as config_mod
-from tunekit.backends import full
+from tunekit.backends import deepspeed as ds_backend
 from tunekit.cli import main
 from tunekit.errors import UserError
 
@@ -37,7 +38,7 @@ def make_config(tmp_path, tiny_base, method="full", extra: str = "") -> Path:
 
 
 def test_full_defaults_to_zero3_with_a_consolidated_save(tmp_path, tiny_base):
-    ds = full.deepspeed_config(config_mod.load(make_config(tmp_path, tiny_base)))
+    ds = ds_backend.deepspeed_config(config_mod.load(make_config(tmp_path, tiny_base)))
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
     assert "offload_optimizer" not in zero and "offload_param" not in zero
@@ -49,12 +50,12 @@ def test_full_defaults_to_zero3_with_a_consolidated_save(tmp_path, tiny_base):
 
 def test_offload_and_stage_come_from_the_deepspeed_section(tmp_path, tiny_base):
     extra = "deepspeed:\n  stage: 3\n  offload_optimizer: true\n  offload_param: true\n"
-    zero = full.deepspeed_config(config_mod.load(make_config(tmp_path, tiny_base, extra=extra)))["zero_optimization"]
+    zero = ds_backend.deepspeed_config(config_mod.load(make_config(tmp_path, tiny_base, extra=extra)))["zero_optimization"]
     assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
     extra = "deepspeed:\n  stage: 2\n"
-    zero = full.deepspeed_config(config_mod.load(make_config(tmp_path, tiny_base, "lora", extra)))["zero_optimization"]
+    zero = ds_backend.deepspeed_config(config_mod.load(make_config(tmp_path, tiny_base, "lora", extra)))["zero_optimization"]
     assert zero["stage"] == 2 and "stage3_gather_16bit_weights_on_model_save" not in zero
-    assert full.deepspeed_config(config_mod.load(make_config(tmp_path, tiny_base, "lora"))) is None
+    assert ds_backend.deepspeed_config(config_mod.load(make_config(tmp_path, tiny_base, "lora"))) is None
 
 
 def test_a_user_config_inline_or_json_is_used_as_given(tmp_path, tiny_base):
@@ -65,7 +66,7 @@ def test_a_user_config_inline_or_json_is_used_as_given(tmp_path, tiny_base):
     json_path.write_text(json.dumps(user))
     from_file = config_mod.load(make_config(tmp_path, tiny_base, extra=f"deepspeed:\n  config: {json_path}\n"))
     for config in (inline, from_file):
-        ds = full.deepspeed_config(config)
+        ds = ds_backend.deepspeed_config(config)
         assert ds["zero_optimization"]["overlap_comm"] is False and ds["train_micro_batch_size_per_gpu"] == 8
         # Filled in: final/ must hold real weights.
         assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
@@ -79,25 +80,35 @@ def test_a_user_config_inline_or_json_is_used_as_given(tmp_path, tiny_base):
     ({"bf16": {"enabled": True}}, r"deepspeed.config: bf16.enabled is True but training.precision \(fp32\)"),
     ({"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}},
      r"deepspeed.config: zero_optimization.stage3_gather_16bit_weights_on_model_save must be true"),
-    ({"zero_optimization": {"overlap_comm": True}}, r"deepspeed.config: no zero_optimization.stage"),
+    ({"zero_optimization": {"overlap_comm": True}}, r"deepspeed.config: (\S*ds.json: )?no zero_optimization.stage"),
 ])
-def test_a_user_config_that_disagrees_is_refused(tmp_path, tiny_base, user, message):
+@pytest.mark.parametrize("where", ["inline", "json"])
+def test_a_user_config_that_disagrees_is_refused(tmp_path, tiny_base, user, message, where):
     user = {"zero_optimization": {"stage": 3}, **user}
-    config = config_mod.load(make_config(tmp_path, tiny_base, extra=f"deepspeed:\n  config: {json.dumps(user)}\n"))
+    if where == "json":
+        (tmp_path / "ds.json").write_text(json.dumps(user))
+    given = json.dumps(user) if where == "inline" else tmp_path / "ds.json"
+    # Refused when the config is loaded (a missing stage) or when the DeepSpeed config is built (the rest): before
+    # any model is loaded either way.
     with pytest.raises(UserError, match=message):
-        full.deepspeed_config(config)
+        config = config_mod.load(make_config(tmp_path, tiny_base, extra=f"deepspeed:\n  config: {given}\n"))
+        ds_backend.deepspeed_config(config)
 
 
 @pytest.mark.parametrize("method, deepspeed, expected", [
-    ("qlora", "deepspeed:\n  stage: 3\n", r"^error: .*run.yaml.*deepspeed.stage: 3 conflicts with method qlora"),
+    ("qlora", "deepspeed:\n  stage: 3\n", r"^error: .*run.yaml:\d+: deepspeed.stage: ZeRO stage 3 conflicts with method qlora"),
     ("qlora", 'deepspeed:\n  config: {"zero_optimization": {"stage": 3}}\n',
-     r"^error: deepspeed.config: zero_optimization.stage 3 conflicts with method qlora"),
+     r"^error: .*run.yaml:\d+: deepspeed.config: ZeRO stage 3 conflicts with method qlora"),
+    ("qlora", "deepspeed:\n  config: STAGE3_JSON\n",
+     r"^error: .*run.yaml:\d+: deepspeed.config: ZeRO stage 3 conflicts with method qlora"),
     ("full", "deepspeed:\n  config: BAD_JSON\n", r"^error: .*run.yaml:\d+: deepspeed.config: .*ds.json:1: DeepSpeed JSON does not parse"),
 ])
 def test_bad_deepspeed_input_is_one_error_line(tmp_path, tiny_base, capsys, method, deepspeed, expected):
     bad_json = tmp_path / "ds.json"
     bad_json.write_text('{"zero_optimization": {"stage": 3,}}')
-    config = make_config(tmp_path, tiny_base, method, deepspeed.replace("BAD_JSON", str(bad_json)))
+    (tmp_path / "stage3.json").write_text('{"zero_optimization": {"stage": 3}}')
+    deepspeed = deepspeed.replace("BAD_JSON", str(bad_json)).replace("STAGE3_JSON", str(tmp_path / "stage3.json"))
+    config = make_config(tmp_path, tiny_base, method, deepspeed)
     assert main(["train", str(config)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.search(expected, errors[0]), errors

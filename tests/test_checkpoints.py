@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from tunekit.callbacks import (
+from tunekit.checkpoints import (
     MARKER_NAME,
     complete_checkpoints,
     delete_checkpoint,
@@ -20,14 +20,12 @@ from tunekit.callbacks import (
     metric_value,
     rank_by_metric,
     read_marker,
-    restore_trainable_dtypes,
     resume_target,
     retained_checkpoints,
-    state_digest,
-    trainable_dtypes,
     write_marker,
 )
 from tunekit.errors import UserError
+from tunekit.resume import restore_trainable_dtypes, state_digest, trainable_dtypes
 
 
 def keep(losses, top_k, last_n, greater=False):

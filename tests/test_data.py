@@ -147,10 +147,32 @@ def test_file_types_load_the_same_rows(tmp_path, fmt):
     "content, fmt, expected",
     [
         ('{"text": "ok"}\n{"text": broken}\n', "text", r"bad.jsonl:2: bad JSON line"),
-        ('{"instruction": "x"}\n', "alpaca", r"bad.jsonl:1: missing field 'output' for format 'alpaca'"),
+        ('{"instruction": "x"}\n', "alpaca", r"bad.jsonl:1: output: missing field for format 'alpaca'"),
         ("", "text", r"bad.jsonl: no examples \(empty file\)"),
-        ('{"prompt": "p", "completion": "c"}\n', "chat", r"missing field 'messages'.*looks like format 'prompt_completion'"),
+        ('{"prompt": "p", "completion": "c"}\n', "chat", r"messages: missing field.*looks like format 'prompt_completion'"),
         ('{"messages": [{"role": "user", "content": "hi"}]}\n', "chat", r"bad.jsonl:1: chat example has no assistant"),
+        # field values of the wrong type, named by key (an object `output` used to train on its Python repr)
+        ('{"instruction": "x", "output": "y"}\n{"instruction": "x", "output": {"a": 1}}\n', "alpaca",
+         r"^[^ ]*bad.jsonl:2: output: expected a string, got object$"),
+        ('{"instruction": 3, "output": "y"}\n', "alpaca", r"bad.jsonl:1: instruction: expected a string, got number$"),
+        ('{"instruction": "x", "input": ["a"], "output": "y"}\n', "alpaca", r"bad.jsonl:1: input: expected a string, got array$"),
+        ('{"prompt": "p", "completion": true}\n', "prompt_completion", r"bad.jsonl:1: completion: expected a string, got boolean$"),
+        ('{"text": ["a", "b"]}\n', "text", r"bad.jsonl:1: text: expected a string, got array$"),
+        ('{"messages": {"role": "user"}}\n', "chat", r"bad.jsonl:1: messages: expected a list of \{role, content\} objects, got object$"),
+        ('{"messages": ["hi", "yo"]}\n', "chat", r"bad.jsonl:1: messages\[0\]: expected a \{role, content\} object, got string$"),
+        ('{"messages": [{"role": "user"}]}\n', "chat", r"bad.jsonl:1: messages\[0\].content: missing$"),
+        ('{"messages": [{"from": "human", "value": "hi"}]}\n', "chat", r"messages\[0\]: 'from'/'value' is the ShareGPT layout"),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "asistant", "content": "yo"}]}\n', "chat",
+         r"bad.jsonl:1: messages\[1\].role: unknown role \"asistant\" \(did you mean 'assistant'\?\); "
+         r"expected one of system, user, assistant, tool$"),
+        ('{"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n', "chat",
+         r"messages\[0\].role: unknown role \"human\" \(did you mean 'user'\?\)"),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text"}]}]}\n',
+         "chat", r"bad.jsonl:1: messages\[1\].content: expected a string, got array$"),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null}]}\n',
+         "chat", r"bad.jsonl:1: messages\[1\].content: expected a string, got null$"),
+        # blank lines are skipped, but the error names the line in the file, not the example's index
+        ('{"text": "a"}\n\n\n{"text": 5}\n', "text", r"bad.jsonl:4: text: expected a string, got number$"),
     ],
 )
 def test_malformed_data_is_named_by_file_and_line(tmp_path, content, fmt, expected):
@@ -175,3 +197,92 @@ def test_a_training_set_truncated_to_nothing_is_a_clear_error(tiny_base, tmp_pat
                       max_seq_len=8, eval_fraction=0)
     with pytest.raises(UserError, match="data.max_seq_len: every training example lost all its loss tokens"):
         data.prepare_data(cfg, tokenizer)
+
+
+def test_chat_accepts_system_and_tool_roles(tmp_path, tokenizer):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "time?"},
+                {"role": "assistant", "content": "checking"}, {"role": "tool", "content": "12:00"},
+                {"role": "assistant", "content": "noon", "weight": 1}]  # extra keys pass through to the template
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    rows = data.read_rows(str(path), "chat")
+    example = data.tokenize(data.segments(rows[0], "chat", tokenizer), tokenizer, 256, True)
+    assert "checking" in loss_text(example, tokenizer) and "noon" in loss_text(example, tokenizer)
+    assert "12:00" not in loss_text(example, tokenizer)
+
+
+def test_a_conversation_the_chat_template_refuses_is_one_error_line(tokenizer):
+    import copy
+
+    strict = copy.deepcopy(tokenizer)  # a template like Gemma 2's, which raises on a system message
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                            "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    row = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "yo"}]}
+    with pytest.raises(UserError, match=r'^data: the chat template of \S+ refuses a conversation starting "be brief": '
+                                        r"System role not supported$"):
+        data.segments(row, "chat", strict)
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "csv"])
+def test_bytes_that_are_not_utf8_are_named_by_file_and_line(tmp_path, suffix):
+    good, bad = "caf\u00e9".encode(), "caf\u00e9".encode("latin-1")  # b"caf\xc3\xa9" vs b"caf\xe9"
+    contents = {
+        "jsonl": b'{"text": "' + good + b'"}\n{"text": "ok"}\n{"text": "' + bad + b'"}\n',
+        "json": b'[\n  {"text": "' + good + b'"},\n  {"text": "' + bad + b'"}\n]\n',
+        "csv": b"text\n" + good + b"\nok\n" + bad + b"\n",
+    }
+    line = {"jsonl": 3, "json": 3, "csv": 4}[suffix]
+    path = tmp_path / f"latin1.{suffix}"
+    path.write_bytes(contents[suffix])
+    with pytest.raises(UserError, match=rf"^[^ ]*latin1.{suffix}:{line}: not UTF-8 \(byte 0xe9 at column \d+\); "):
+        data.read_rows(str(path), "text")
+
+
+def test_a_utf8_byte_order_mark_is_not_an_error(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "a"}\n')
+    assert data.read_rows(str(path), "text") == [{"text": "a"}]
+
+
+def test_errors_in_a_json_list_name_the_line_of_the_example(tmp_path):
+    rows = [{"prompt": "p", "completion": "c"}] * 3 + [{"prompt": "p", "completion": {"text": "c"}}]
+    path = tmp_path / "pretty.json"
+    path.write_text(json.dumps({"version": 1, "data": rows}, indent=2))  # each example spans 4 lines
+    line = path.read_text().splitlines().index("    {", 1 + 4 * 3) + 1
+    with pytest.raises(UserError, match=rf"pretty.json:{line}: completion: expected a string, got object$"):
+        data.read_rows(str(path), "prompt_completion")
+
+
+def test_csv_cells_are_read_as_the_text_written(tmp_path):
+    """No number or "NA" guessing (pandas would turn "007" into 7 and "NA" into a missing value); empty is missing."""
+    path = tmp_path / "rows.csv"
+    path.write_text('instruction,input,output\nReverse 700,,007\nSay NA,x,NA\n"two\nlines",,1.50\n')
+    assert data.read_rows(str(path), "alpaca") == [
+        {"instruction": "Reverse 700", "input": None, "output": "007"},
+        {"instruction": "Say NA", "input": "x", "output": "NA"},
+        {"instruction": "two\nlines", "input": None, "output": "1.50"},
+    ]
+    path.write_text("prompt,completion\np,c\np,c,extra\n")
+    with pytest.raises(UserError, match=r"rows.csv:3: 3 cells, but the header names 2$"):
+        data.read_rows(str(path), "prompt_completion")
+
+
+def test_a_parquet_file_the_library_cannot_read_is_one_error_line(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1 this is not a parquet file")
+    with pytest.raises(UserError, match=r"^[^ ]*broken.parquet: cannot read parquet file: [^\n]+$"):
+        data.read_rows(str(path), "text")
+
+
+def test_bad_data_stops_train_before_anything_is_created(tiny_base, tmp_path, capsys):
+    from tunekit.cli import main
+
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"instruction": "x", "output": "y"}\n{"instruction": "x", "output": "caf\xe9"}\n')
+    config = tmp_path / "run.yaml"
+    config.write_text(f"method: lora\noutput_dir: {tmp_path / 'out'}\nmodel:\n  name_or_path: {tiny_base}\n"
+                      f"data:\n  sources:\n    - path: {path}\n      format: alpaca\n  cache_dir: {tmp_path / 'cache'}\n")
+    assert main(["train", str(config)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {path}:2: not UTF-8 (byte 0xe9 at column 36); save the file as UTF-8"]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()

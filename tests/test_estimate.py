@@ -8,15 +8,21 @@ the fp32 master copy), LoRA ~15-18 GB, QLoRA ~8-10 GB. Models are built on the m
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tunekit import config as config_mod
 from tunekit.cli import main
-from tunekit.config import LoraConfig, RunConfig, TrainingConfig
+from tunekit.config import LoraConfig, QloraRunConfig, RunConfig, TrainingConfig
 from tunekit.errors import UserError
 from tunekit import estimate as est
+from tunekit.estimate import preflight as preflight_mod, shapes
+
+REPO = Path(__file__).resolve().parents[1]
 
 GB = est.GB
 
@@ -34,7 +40,7 @@ PUBLISHED_PARAMS = {
 
 def run_config(method: str, model: str = "tunekit:llama-2-7b", **training) -> RunConfig:
     """A RunConfig without touching the filesystem (validate, not load: no path checks)."""
-    return RunConfig.model_validate({
+    return config_mod.parse({
         "method": method,
         "output_dir": "out",
         "model": {"name_or_path": model},
@@ -295,6 +301,42 @@ def test_examples_counted_from_local_jsonl(tmp_path):
     assert result["tokens"] is None and result["cost_usd"] is None
 
 
+def test_examples_counted_with_the_training_reader(tmp_path):
+    # The estimate reads data with tunekit.data: a {"data": [...]} JSON file counts (a line-counting reader said
+    # "unknown"), and a bad row is the same FILE:LINE error training would give.
+    wrapped = tmp_path / "train.json"
+    wrapped.write_text(json.dumps({"data": [{"instruction": "a", "output": "b"}] * 40}))
+    config = run_config("lora")
+    config.data.sources[0].path, config.data.sources[0].max_examples = str(wrapped), None
+    assert est.count_examples(config) == 38  # 5% held out for eval
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    config.data.sources[0].path = str(bad)
+    with pytest.raises(UserError, match=f"{bad}:2: output: missing field"):
+        est.count_examples(config)
+
+
+def test_examples_counted_equal_the_examples_training_sees(tiny_base, tmp_path):
+    # Two sources mixed 1:3 by weight with an eval split off the first: count_examples must give the size of the
+    # training set prepare_data builds (short examples, so truncation drops none).
+    from transformers import AutoTokenizer
+
+    from tunekit.data import prepare_data
+
+    alpaca, completions = tmp_path / "a.jsonl", tmp_path / "b.json"
+    alpaca.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(50)))
+    completions.write_text(json.dumps([{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(70)]))
+    config = config_mod.parse({
+        "method": "lora", "output_dir": str(tmp_path / "out"), "model": {"name_or_path": str(tiny_base)},
+        "data": {"sources": [{"path": str(alpaca), "format": "alpaca"},
+                             {"path": str(completions), "format": "prompt_completion", "weight": 3}],
+                 "eval_fraction": 0.1, "max_seq_len": 64, "cache_dir": str(tmp_path / "cache")},
+    })
+    trained = len(prepare_data(config, AutoTokenizer.from_pretrained(tiny_base)).train)
+    assert trained < 50 + 70 - 5  # the weights did bind: not every row was used
+    assert est.count_examples(config) == trained
+
+
 def test_format_estimate_is_one_screen():
     text = est.format_estimate(est.estimate(run_config("qlora"), gpus=1, gpu_memory_gb=24))
     assert "fits" in text and " GB" in text and "$" in text
@@ -305,7 +347,7 @@ def test_format_estimate_is_one_screen():
 
 
 def test_preflight_refuses_what_cannot_fit(monkeypatch):
-    monkeypatch.setattr(est, "_host_memory_bytes", lambda: 8 * GB)
+    monkeypatch.setattr(preflight_mod, "_host_memory_bytes", lambda: 8 * GB)
     config = run_config("lora")  # a 7B in fp32 on CPU: ~28 GB of weights
     with pytest.raises(UserError, match="needs .* GB of host RAM"):
         est.preflight_check(config, device="cpu")
@@ -315,13 +357,13 @@ def test_preflight_refuses_what_cannot_fit(monkeypatch):
 
 
 def test_preflight_accepts_what_fits(tiny_dir, monkeypatch):
-    monkeypatch.setattr(est, "_host_memory_bytes", lambda: 8 * GB)
+    monkeypatch.setattr(preflight_mod, "_host_memory_bytes", lambda: 8 * GB)
     result = est.preflight_check(run_config("lora", model=str(tiny_dir)), device="cpu")
     assert result["fits"] is True and result["assumptions"]["precision"] == "fp32"
 
 
 def test_preflight_error_is_one_line_with_advice(monkeypatch):
-    monkeypatch.setattr(est, "_host_memory_bytes", lambda: 8 * GB)
+    monkeypatch.setattr(preflight_mod, "_host_memory_bytes", lambda: 8 * GB)
     config = run_config("lora", gradient_checkpointing=False, per_device_train_batch_size=16)
     with pytest.raises(UserError) as info:
         est.preflight_check(config, device="cpu")
@@ -366,3 +408,124 @@ def test_cli_estimate_table(tmp_path, capsys):
 def test_cli_estimate_unknown_model_is_exit_2(tmp_path, capsys):
     assert main(["estimate", str(write_config(tmp_path, model="tunekit:nope"))]) == 2
     assert "no shipped model config" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- offline: hub ids whose shape tunekit ships
+
+
+def test_hub_id_table_agrees_with_the_shipped_files():
+    # Each shipped file's own hub id (its _name_or_path) resolves to it; each table entry names a shipped file.
+    for name in est.shipped_model_configs():
+        hub_id = json.loads((est.MODEL_CONFIG_DIR / f"{name}.json").read_text())["_name_or_path"]
+        assert est.shipped_name(hub_id) == name
+    assert set(est.HUB_IDS.values()) <= set(est.shipped_model_configs())
+    assert all(hub_id == hub_id.lower() for hub_id in est.HUB_IDS)  # looked up lower-cased
+
+
+@pytest.fixture
+def hub_forbidden(monkeypatch):
+    """huggingface_hub offline (HF_HUB_OFFLINE), and the one request the estimate could make is a test failure."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the estimate asked the hub")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", refuse)
+
+
+@pytest.mark.parametrize("hub_id, name", [
+    ("meta-llama/Meta-Llama-3-8B", "llama-3-8b"),
+    ("META-LLAMA/meta-llama-3-8b-instruct", "llama-3-8b"),  # the hub matches ids case-insensitively
+    ("meta-llama/Llama-2-7b-chat-hf", "llama-2-7b"),
+    ("mistralai/Mistral-7B-Instruct-v0.1", "mistral-7b"),
+    ("codellama/CodeLlama-34b-hf", "codellama-34b"),
+])
+def test_known_hub_ids_resolve_to_the_shipped_shape(hub_forbidden, hub_id, name):
+    shape = est.count_params(hub_id, LoraConfig(), "lora")
+    assert shape["params"] == PUBLISHED_PARAMS[name]
+    assert shape["source"].startswith(f"shipped config {name} ")
+
+
+def test_a_local_directory_wins_over_the_table(tiny_dir, tmp_path, monkeypatch):
+    local = tmp_path / "meta-llama" / "Meta-Llama-3-8B"
+    local.mkdir(parents=True)
+    (local / "config.json").write_text((tiny_dir / "config.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    shape = est.count_params("meta-llama/Meta-Llama-3-8B", LoraConfig(), "lora")
+    assert shape["params"] == est.count_params(tiny_dir, LoraConfig(), "lora")["params"]
+    assert shape["source"] == "local config meta-llama/Meta-Llama-3-8B"
+
+
+def test_unknown_hub_id_offline_is_one_line_without_a_request(hub_forbidden):
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE") as info:
+        est.count_params("someone/not-shipped-7b", LoraConfig(), "lora")
+    assert "\n" not in str(info.value) and "tunekit:llama-3-8b" in str(info.value)
+
+
+def hubless_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a machine with no hub: not declared offline, and every connection to the hub refused
+    (port 9 on localhost), with an empty hub cache."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf-home"))
+    return env
+
+
+def test_readme_estimate_example_runs_without_a_hub(tmp_path):
+    command = "tunekit estimate configs/examples/llama3-8b-lora.yaml --gpus 1 --gpu-memory 80"
+    assert command in (REPO / "README.md").read_text()
+    done = subprocess.run([sys.executable, "-m", "tunekit", *command.split()[1:]], cwd=REPO, env=hubless_env(tmp_path),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("lora on meta-llama/Meta-Llama-3-8B (llama), 1 x 80.0 GB GPU")
+    assert "shape: shipped config llama-3-8b (same modules as hub id meta-llama/Meta-Llama-3-8B" in done.stdout
+    assert "fits: " in done.stdout
+    assert "127.0.0.1" not in done.stderr and "Retry" not in done.stderr  # no request was even tried
+
+
+def test_unknown_hub_id_with_no_hub_fails_after_one_request(tmp_path):
+    config = write_config(tmp_path, model="someone/x-7b")
+    done = subprocess.run([sys.executable, "-m", "tunekit", "estimate", str(config)], env=hubless_env(tmp_path),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2
+    # One line, nothing else: no retry warnings (huggingface_hub's own download retries for ~25 s), no traceback.
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith("error: model.name_or_path: cannot read a model config from 'someone/x-7b': no such local directory, "
+                                  "and its hub request failed (ConnectError")
+
+
+# ---------------------------------------------------------------- configs without a LoRA section, DeepSpeed settings
+
+
+def raw_config(method: str, **sections) -> dict:
+    source = {"path": "train.jsonl", "format": "alpaca", "max_examples": 1000}
+    return {"method": method, "output_dir": "out", "model": {"name_or_path": "tunekit:llama-2-7b"},
+            "data": {"sources": [source], "max_seq_len": 512},
+            "training": {"per_device_train_batch_size": 1, "gradient_checkpointing": True}, **sections}
+
+
+def test_full_run_alternatives_equal_those_runs_estimated_directly():
+    # A full config has no lora/qlora section: its LoRA and QLoRA rows are the default-LoRA runs under the same
+    # DeepSpeed section, QLoRA capped at its highest ZeRO stage.
+    full = config_mod.parse(raw_config("full"))
+    assert not hasattr(full, "lora") and full.deepspeed.zero_stage() == 3
+    alternatives = est.estimate(full, gpus=8)["alternatives"]
+    for method, stage in (("lora", 3), ("qlora", QloraRunConfig.MAX_ZERO_STAGE)):
+        direct = est.estimate(config_mod.parse(raw_config(method, deepspeed={"stage": stage})), gpus=8)
+        assert alternatives[method]["zero_stage"] == direct["assumptions"]["zero_stage"] == stage
+        assert alternatives[method]["needed_bytes"] == pytest.approx(direct["needed_bytes"])
+        assert alternatives[method]["needed_bytes"] == pytest.approx(direct["alternatives"][method]["needed_bytes"])
+
+
+def test_users_deepspeed_config_gives_stage_and_offload(tmp_path):
+    ds = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    generated = est.estimate(config_mod.parse(raw_config("full", deepspeed={"stage": 2, "offload_optimizer": True})),
+                             gpus=4)
+    for given in (ds, str(path)):  # inline or a JSON file: the same as the generated section that says so
+        result = est.estimate(config_mod.parse(raw_config("full", deepspeed={"config": given})), gpus=4)
+        assert result["assumptions"]["zero_stage"] == 2
+        assert result["per_device"]["optimizer"] == 0 and result["cpu_offload_bytes"] > 0
+        assert result["per_device"] == generated["per_device"]

@@ -1,14 +1,19 @@
-"""Forgetting monitor: general-text loss equals the token-weighted reference, the flag rule, the callback."""
+"""Forgetting monitor: general-text loss equals the token-weighted reference, the flag rule, the callback; and
+trackers receive what tunekit logs (eval_general_loss, LoRA effective ranks, peak memory) in a real tiny run."""
 
+import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerState
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback, TrainerState
 
+from tunekit.checkpoints import MARKER_NAME
 from tunekit.forgetting import ForgettingCallback, forgetting_flag, general_loss
 
 WORDS = "the cat sat on a mat and dog ran to red blue house tree sky".split()
@@ -87,13 +92,75 @@ def test_forgetting_flag_edge_cases():
         forgetting_flag(0.0, [(1, 1.0)], threshold=0.1)
 
 
-def test_callback_records_history_metrics_and_log_history():
+def test_callback_records_history_metrics_and_logs_through_the_trainer():
     model, tokenizer = tiny_model(), tiny_tokenizer()
     base = general_loss(model, tokenizer, TEXTS, max_seq_len=64, batch_size=2)
     callback = ForgettingCallback(tokenizer, TEXTS, base_loss=base, threshold=0.1, max_seq_len=64, batch_size=2)
     state, metrics = TrainerState(global_step=7, epoch=0.5), {"eval_loss": 1.0}
+    with pytest.raises(RuntimeError, match="log is not set"):  # unwired, it would measure and tell no one
+        callback.on_evaluate(SimpleNamespace(), state, None, model=model, metrics=metrics)
+    logged = []
+    callback.log = logged.append  # Trainer.log in a run (it adds step and epoch, and appends to log_history)
     callback.on_evaluate(SimpleNamespace(), state, None, model=model, metrics=metrics)
     assert callback.history == [(7, pytest.approx(base))]
     assert metrics["eval_general_loss"] == pytest.approx(base)
-    assert state.log_history == [{"eval_general_loss": pytest.approx(base), "step": 7, "epoch": 0.5}]
+    assert logged == [{"eval_general_loss": pytest.approx(base)}]
+    assert state.log_history == []  # only Trainer.log writes the history: what it holds, the trackers were sent
     assert not callback.result()["flagged"]
+
+
+class Tracker(TrainerCallback):
+    """Stands where wandb and tensorboard stand: built by the Trainer from report_to, before any callback of ours.
+    Keeps a copy of what each on_log hands it, as a tracker sends it then."""
+
+    def __init__(self) -> None:
+        self.logged: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logged.append(dict(logs))
+
+
+def test_trackers_receive_every_value_tunekit_logs(tmp_path, tiny_base, demo_data, monkeypatch):
+    """A real tiny LoRA run with the forgetting monitor and the rank spectrum: a tracker in the integrations' slot
+    gets eval_general_loss, the LoRA effective ranks and peak_memory_bytes, and exactly the entries of log_history."""
+    import transformers.trainer
+
+    import tunekit.train
+    from tunekit.cli import main
+    from tunekit.forgetting import ForgettingCallback
+    from tunekit.spectrum import RankSpectrumCallback
+
+    tracker, built = Tracker(), []
+    monkeypatch.setattr(transformers.trainer, "get_reporting_integration_callbacks", lambda report_to: [tracker])
+    build = tunekit.train.build_trainer
+    monkeypatch.setattr(tunekit.train, "build_trainer", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "method": "lora", "output_dir": str(tmp_path / "out"), "model": {"name_or_path": str(tiny_base)},
+        "data": {"sources": [{"path": str(demo_data["train"]), "format": "alpaca", "max_examples": 64}],
+                 "eval_path": str(demo_data["eval"]), "max_seq_len": 64},
+        "training": {"max_steps": 4, "per_device_train_batch_size": 4, "logging_steps": 1},
+        "checkpoints": {"save_steps": 2},  # evaluation at steps 2 and 4, then the recipe's final evaluate()
+        "eval": {"task_metric": "none", "general": str(Path(tiny_base) / "general_eval.jsonl"), "rank_spectrum": True},
+    }))
+    assert main(["train", str(config)]) == 0
+    trainer = built[0]
+    order = [type(callback) for callback in trainer.callback_handler.callbacks]
+    assert order.index(Tracker) < min(order.index(ForgettingCallback), order.index(RankSpectrumCallback))
+
+    # What the tracker was sent is what the history holds, entry for entry (the history adds only "step").
+    assert tracker.logged == [{k: v for k, v in entry.items() if k != "step"} for entry in trainer.state.log_history]
+    assert all(isinstance(logs["peak_memory_bytes"], int) and logs["peak_memory_bytes"] > 0 for logs in tracker.logged)
+    general = [logs["eval_general_loss"] for logs in tracker.logged if "eval_general_loss" in logs]
+    assert len(general) == 3 and all(math.isfinite(value) for value in general)
+    ranks = [logs for logs in tracker.logged if any(key.startswith("eval_lora_effective_rank_") for key in logs)]
+    assert len(ranks) == 3
+    # Our entries are logged in eval mode: SFTTrainer's train-time averages stay in the training-loss entries.
+    assert all("mean_token_accuracy" in logs for logs in tracker.logged if "loss" in logs)
+    assert not any("mean_token_accuracy" in logs for logs in tracker.logged if "eval_general_loss" in logs)
+    # The checkpoint marker (ranking) and the summary (report) see the same values.
+    marker = json.loads((tmp_path / "out" / "checkpoint-4" / MARKER_NAME).read_text())
+    assert marker["metrics"]["eval_general_loss"] == pytest.approx(general[1])
+    assert "peak_memory_bytes" in marker["metrics"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["general_loss_last"] == pytest.approx(general[-1])

@@ -229,6 +229,18 @@ def test_export_merged_shards_keeps_the_chat_template_and_writes_a_model_card(lo
     assert f"| eval loss | {summary['eval_loss']:.4g} |" in card
     assert f"| train loss (last logged) | {summary['train_loss_last']:.4g} |" in card
     assert "| lora r | 16 |" in card and "eval.jsonl" in card
+    # huggingface_hub reads the card back: the metadata block is its own format, not hand-written YAML
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(out / "README.md").data
+    assert data.library_name == "transformers" and data.tags == ["tunekit", "lora", "sft"]
+    # the training setup comes from resolved.json: what "auto" stood for and the versions that trained it
+    resolved = json.loads((lora_run / "resolved.json").read_text())
+    assert "## Training setup" in card and f"| precision | {resolved['precision']} |" in card
+    assert f"transformers {resolved['versions']['transformers']}" in card
+    assert f"| precision | auto ({resolved['precision']}) |" in card
+    check = json.loads((out / "merge_check.json").read_text())
+    assert check["trained_with"] == resolved and check["merged_with"]["versions"]["torch"] == torch.__version__
 
 
 def test_export_of_a_full_run_resaves_its_consolidated_model(tiny_base, tmp_path):
@@ -304,3 +316,232 @@ def test_a_failed_check_writes_nothing(lora_run, tmp_path, capsys, monkeypatch):
     assert main(["merge", str(lora_run), "--out", str(tmp_path / "merged")]) == 2
     assert_one_error_line(capsys, "merge check failed", "tolerance")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- what training resolved (resolved.json)
+
+
+def write_resolved(run: Path, **changes) -> dict:
+    """Rewrite the run's resolved.json with `changes` (as if it had trained elsewhere); returns the record."""
+    from tunekit import rundir
+
+    record = json.loads((run / "resolved.json").read_text()) if (run / "resolved.json").is_file() else {
+        "precision": "fp32", "load_dtype": "float32", "zero_stage": None, "world_size": 1,
+        "attn_implementation": "sdpa", "device": "cpu", "versions": rundir.library_versions()}
+    record.update(changes)
+    rundir.write_json(run / "resolved.json", rundir.Resolved(**record).model_dump(mode="json"))
+    return record
+
+
+def test_qlora_merge_requantizes_from_the_load_dtype_training_recorded(qlora_run, tmp_path, monkeypatch):
+    """A QLoRA run that trained on a bf16 GPU, merged on this CPU: the 4-bit base is quantized from bf16 as in
+    training (this machine alone would say fp32), and the merge is saved in bf16."""
+    import tunekit.merge
+
+    run = copy_run(qlora_run, tmp_path)
+    write_resolved(run, precision="bf16", load_dtype="bfloat16", attn_implementation="eager",
+                   device="cuda (NVIDIA H100 80GB HBM3)")
+    loads = []
+    load_base = tunekit.merge.load_base
+
+    def spy(config, tokenizer, dtype, attn, quantization_config=None):
+        loads.append((dtype, attn, quantization_config is not None))
+        return load_base(config, tokenizer, dtype, attn, quantization_config)
+
+    monkeypatch.setattr(tunekit.merge, "load_base", spy)
+    check = merge(run, tmp_path / "merged")
+    assert (torch.bfloat16, "eager", True) in loads  # the 4-bit reference, quantized from bf16
+    assert all(attn == "eager" for _, attn, _ in loads)  # the attention training ran
+    assert check["passed"] and check["quantized_from"] == "bfloat16" and check["dtype"] == "bf16"
+    assert check["trained_with"]["device"].startswith("cuda")
+    assert load_plain(tmp_path / "merged").dtype == torch.bfloat16
+
+
+def test_a_run_without_a_resolved_record_merges_with_one_warning(lora_run, tmp_path, capsys):
+    """A run written by the previous release (no resolved.json): the old derivation, and a warning that says so."""
+    run = copy_run(lora_run, tmp_path)
+    (run / "resolved.json").unlink()
+    capsys.readouterr()
+    check = merge(run, tmp_path / "merged")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "resolved.json" in warnings[0], warnings
+    assert check["passed"] and check["dtype"] == "fp32" and check["trained_with"] is None
+    assert "Not recorded" in (tmp_path / "merged" / "README.md").read_text()
+
+
+def fake_full_run(root: Path, tiny_base: Path, resolved: dict | None = None) -> Path:
+    """A full run's directory with final/ faked from the tiny base (no DeepSpeed needed)."""
+    from tunekit import rundir
+
+    run = root / "full-run"
+    shutil.copytree(tiny_base, run / "final")
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "method": "full", "output_dir": str(run), "model": {"name_or_path": str(tiny_base)},
+        "data": {"sources": [{"path": "train.jsonl", "format": "alpaca"}]}}))
+    (run / "summary.json").write_text(json.dumps({"method": "full", "steps": 3, "eval_loss": 1.25}))
+    if resolved is not None:
+        rundir.write_json(run / "resolved.json", rundir.Resolved(**resolved).model_dump(mode="json"))
+    return run
+
+
+def test_a_full_run_exports_in_its_compute_precision_not_its_fp32_master_weights(tiny_base, tmp_path):
+    """A full run loads fp32 master weights whatever its precision; under DeepSpeed bf16 final/ holds the 16-bit
+    copies, so the default export dtype is the precision the run recorded (not fp32, not this machine's)."""
+    from tunekit import rundir
+
+    run = fake_full_run(tmp_path, tiny_base, {
+        "precision": "bf16", "load_dtype": "float32", "zero_stage": 3, "world_size": 8,
+        "attn_implementation": "sdpa", "device": "cuda (NVIDIA H100 80GB HBM3)", "versions": rundir.library_versions()})
+    assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 0
+    assert load_plain(tmp_path / "out").dtype == torch.bfloat16
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| precision | auto (bf16) |" in card and "| deepspeed zero stage | 3 |" in card
+    assert "| processes (world size) | 8 |" in card and "| effective batch (sequences) | 64 |" in card
+
+
+@pytest.mark.parametrize("method, resolved, model_dtype, stored, expected", [
+    ("lora", {"load_dtype": "bfloat16", "precision": "bf16"}, "auto", "float32", "bf16"),  # trained on a bf16 base
+    ("qlora", {"load_dtype": "float32", "precision": "fp32"}, "auto", "bfloat16", "fp32"),  # CPU run: fp32 base
+    ("full", {"load_dtype": "float32", "precision": "bf16"}, "auto", "float32", "bf16"),  # fp32 masters, bf16 saved
+    ("full", {"load_dtype": "float32", "precision": "fp32"}, "auto", "bfloat16", "fp32"),
+    ("lora", {"load_dtype": "bfloat16", "precision": "bf16"}, "float16", "float32", "fp16"),  # the run said so
+    ("lora", None, "auto", "bfloat16", "bf16"),  # no record: the old rule, the checkpoint's stored dtype
+    ("full", None, "auto", None, "fp32"),
+])
+def test_default_save_dtype(method, resolved, model_dtype, stored, expected):
+    from types import SimpleNamespace
+
+    from tunekit import config as config_mod
+    from tunekit import rundir
+    from tunekit.merge import default_dtype
+
+    config = config_mod.parse({"method": method, "output_dir": "run",
+                               "model": {"name_or_path": "base", "dtype": model_dtype},
+                               "data": {"sources": [{"path": "train.jsonl", "format": "alpaca"}]}})
+    record = None if resolved is None else rundir.Resolved(
+        **resolved, zero_stage=None, world_size=1, attn_implementation="sdpa", device="cpu", versions={})
+    run = rundir.Run(Path("run"), config, {}, record, Path("run/final"))
+    assert default_dtype(run, SimpleNamespace(dtype=stored)) == expected
+
+
+# ---------------------------------------------------------------- strict input: not a run, or files that do not load
+
+
+def assert_refused(capsys, out: Path, argv: list[str], *words: str, only_line: bool = True) -> str:
+    """The command exits 2 with one `error:` line on stderr (naming `words`), and --out was not created."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and all(word in errors[0] for word in words), err
+    assert "Traceback" not in err
+    if only_line:
+        assert lines == errors, err
+    assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
+    return errors[0]
+
+
+COMMANDS = [["merge"], ["export"], ["export", "--format", "adapter"]]
+
+
+def lora_run_dir(root: Path, base: str, final: bool = True, **changes) -> Path:
+    """A LoRA run directory as tunekit writes it (config.yaml, summary.json), without training: these runs are
+    refused before anything is loaded."""
+    run = root / "run"
+    config = {"method": "lora", "output_dir": str(run), "model": {"name_or_path": base},
+              "data": {"sources": [{"path": "train.jsonl", "format": "alpaca"}]}, **changes}
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "summary.json").write_text("{}")
+    if final:
+        (run / "final").mkdir()
+    return run
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+@pytest.mark.parametrize("case, words", [
+    ("missing", ["no such run directory"]),
+    ("a file", ["a file, not a run directory"]),
+    ("no config.yaml", ["not a tunekit run directory (no config.yaml)"]),
+    ("invalid config.yaml", ["config.yaml:", "training.max_steps"]),
+    ("no final/", ["no final/ directory"]),
+    ("invalid resolved.json", ["resolved.json", "not a valid tunekit record"]),
+])
+def test_a_directory_that_is_not_a_finished_run_is_refused(tiny_base, tmp_path, capsys, command, case, words):
+    if case == "missing":
+        run = tmp_path / "no-such-run"
+    elif case == "a file":
+        run = tmp_path / "run.yaml"
+        run.write_text("method: lora\n")
+    elif case == "no config.yaml":
+        run = lora_run_dir(tmp_path, str(tiny_base))
+        (run / "config.yaml").unlink()
+    elif case == "invalid config.yaml":
+        run = lora_run_dir(tmp_path, str(tiny_base), training={"max_steps": 0})
+    elif case == "no final/":
+        run = lora_run_dir(tmp_path, str(tiny_base), final=False)
+    else:
+        run = lora_run_dir(tmp_path, str(tiny_base))
+        (run / "resolved.json").write_text('{"precision": "bf16"')
+    out = tmp_path / "out"
+    assert_refused(capsys, out, [command[0], str(run), "--out", str(out), *command[1:]], *words)
+
+
+def broken_copy(source: Path, dest: Path, name: str, breakage: str) -> Path:
+    """Copy a directory and break one of its files: "unknown model_type", "truncated" or "not json"."""
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("checkpoint-*"))
+    path = dest / name
+    if breakage == "unknown model_type":
+        config = json.loads(path.read_text())
+        config["model_type"] = "no-such-architecture"
+        path.write_text(json.dumps(config))
+    elif breakage == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])  # a download or copy that stopped half way
+    else:
+        path.write_text('{"peft_type": "LORA", "r": ')
+    return dest
+
+
+def point_at_base(run: Path, base: Path) -> None:
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["name_or_path"] = str(base)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+@pytest.mark.parametrize("broken, breakage, commands, words", [
+    # the base model (model.name_or_path): its config.json, its weights
+    ("base", ("config.json", "unknown model_type"), COMMANDS, ["base model", "no-such-architecture"]),
+    ("base", ("model.safetensors", "truncated"), COMMANDS[:2], ["base model", "cannot load", "deserializing header"]),
+    # final/: the adapter's config and weights, the tokenizer
+    ("final", ("adapter_config.json", "not json"), COMMANDS, ["adapter_config.json", "cannot load"]),
+    ("final", ("adapter_model.safetensors", "truncated"), COMMANDS, ["adapter", "deserializing header"]),
+    ("final", ("tokenizer.json", "not json"), COMMANDS[:2], ["tokenizer in", "cannot load"]),
+], ids=lambda value: value[1] if isinstance(value, tuple) else None)
+def test_a_file_a_library_cannot_load_is_one_error_line(lora_run, tiny_base, tmp_path, capsys, broken, breakage,
+                                                         commands, words):
+    name, how = breakage
+    if broken == "base":
+        run = copy_run(lora_run, tmp_path)
+        point_at_base(run, broken_copy(tiny_base, tmp_path / "base", name, how))
+    else:
+        run = tmp_path / "run"
+        shutil.copytree(lora_run, run, ignore=shutil.ignore_patterns("checkpoint-*", "final"))
+        broken_copy(lora_run / "final", run / "final", name, how)
+    out = tmp_path / "out"
+    for command in commands:
+        assert_refused(capsys, out, [command[0], str(run), "--out", str(out), *command[1:]], *words, only_line=False)
+
+
+@pytest.mark.parametrize("name, how, words", [
+    ("config.json", "unknown model_type", ["model in", "final", "no-such-architecture"]),
+    ("model.safetensors", "truncated", ["model in", "final", "deserializing header"]),
+])
+def test_a_full_run_whose_final_model_does_not_load_is_one_error_line(tiny_base, tmp_path, capsys, name, how, words):
+    run = fake_full_run(tmp_path, tiny_base)
+    shutil.rmtree(run / "final")
+    broken_copy(tiny_base, run / "final", name, how)
+    out = tmp_path / "out"
+    assert_refused(capsys, out, ["export", str(run), "--out", str(out)], *words, only_line=False)
+

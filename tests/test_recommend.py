@@ -1,5 +1,5 @@
 """The method recommender: every objective, the hardware and budget exclusions, variants, the seed's own example,
-agreement with estimate.py, and the CLI."""
+agreement with the estimate package, and the CLI."""
 
 from __future__ import annotations
 

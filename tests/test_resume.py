@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunekit.callbacks import MARKER_NAME, latest_complete_checkpoint, retained_checkpoints
+from tunekit.checkpoints import MARKER_NAME, latest_complete_checkpoint, retained_checkpoints
 from tunekit.cli import main
 
 MAX_STEPS, SAVE_STEPS, TOP_K, LAST_N = 8, 2, 2, 1
@@ -253,6 +253,7 @@ def test_resume_fails_loudly_when_the_data_order_changed(reference, make_config,
     step = min(int(name.split("-")[1]) for name in surviving(reference))
     assert step < MAX_STEPS
     shutil.copytree(reference / f"checkpoint-{step}", run / f"checkpoint-{step}")
+    shutil.copy(reference / "config.yaml", run / "config.yaml")  # a run directory: --resume refuses anything else
     assert main(["train", str(config), "--resume", "--set", "training.seed=7"]) == 2
     err = capsys.readouterr().err
     assert f"error: resume check failed (checkpoint-{step}): the next batch differs" in err

@@ -141,19 +141,25 @@ def test_zero3_partitioned_parameters_are_gathered(monkeypatch):
     assert gathered == [(2, None)] * 4
 
 
-def test_callback_records_history_warns_once_and_writes_json(tmp_path, caplog):
+def test_callback_records_history_logs_warns_once_and_writes_json(tmp_path, caplog):
     model = tiny_lora_model(r=8)
     with torch.no_grad():  # a rank-1 update in every adapter: effective rank 1 of 8, collapsed
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.zero_()
                 param[:, 0] = 1.0
-    callback, state = RankSpectrumCallback(), TrainerState()
+    callback, state, logged = RankSpectrumCallback(), TrainerState(), []
+    with pytest.raises(RuntimeError, match="log is not set"):  # unwired, it would measure and tell no one
+        callback.on_evaluate(SimpleNamespace(), state, None, model=model, metrics={})
+    callback.log = logged.append  # Trainer.log in a run: to log_history and the trackers
     for step in (10, 20):
         state.global_step = step
         with caplog.at_level("WARNING", logger=spectrum.__name__):
             callback.on_evaluate(SimpleNamespace(), state, None, model=model, metrics={})
     assert [entry["step"] for entry in callback.history] == [10, 20]
+    assert logged == [{"eval_lora_effective_rank_q_proj": pytest.approx(1.0, abs=1e-3),
+                       "eval_lora_effective_rank_v_proj": pytest.approx(1.0, abs=1e-3)}] * 2
+    assert state.log_history == []  # only Trainer.log writes the history
     assert callback.history[-1]["summary"]["q_proj"]["verdict"] == "collapsed"
     assert len(callback.last_spectra) == 4
     warnings = [record for record in caplog.records if record.levelname == "WARNING"]

@@ -64,9 +64,9 @@ def spent_flops(cfg: config_mod.RunConfig, summary: dict) -> float:
 
 
 def _flops(cfg: config_mod.RunConfig, tokens: float) -> float:
-    from tunekit.estimate import count_params, training_flops
+    from tunekit.estimate import config_shape, training_flops
 
-    shape = count_params(cfg.model.name_or_path, cfg.lora, cfg.method, len(cfg.model.add_tokens))
+    shape = config_shape(cfg)
     return training_flops(shape, method=cfg.method, tokens=tokens, seq_len=cfg.data.max_seq_len,
                           gradient_checkpointing=cfg.training.gradient_checkpointing)
 

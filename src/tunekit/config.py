@@ -9,28 +9,31 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (  # noqa: F401  (SecretStr: the type any future secret field must have; a test checks it)
+    BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_serializer, model_validator,
+)
 
 from tunekit.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: each method has only its own sections (1 wrote lora/qlora into every config.yaml)
 METHODS = ("full", "lora", "qlora")
 # The seeds' learning-rate guidance: full FT 1e-5..5e-5 (higher risks forgetting), LoRA 1e-4..3e-4 (the adapter
 # starts at zero and must move fast).
 DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SECRET_WORDS = ("token", "key", "secret", "password")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
 class Section(BaseModel):
-    """Base for every section: unknown keys are errors, defaults are validated too."""
+    """Base for every section: unknown keys are errors, defaults are validated too, and no number may be inf/nan
+    (`learning_rate: .inf` is a typo, not a setting)."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -72,6 +75,14 @@ class DataConfig(Section):
     cache_dir: str | None = Field(None, description="Tokenization cache; default ~/.cache/tunekit/data.")
     seed: int = Field(0, description="Seed for the eval split and the mixing draw.")
 
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataConfig:
+        if self.eval_path is not None and "eval_fraction" in self.model_fields_set and self.eval_fraction > 0:
+            raise ValueError("data.eval_fraction: not used when data.eval_path is given (the eval set is that file)")
+        if self.eval_path is not None:
+            self.eval_fraction = 0.0  # what ran: nothing held out of the first source (config.yaml says so)
+        return self
+
 
 class LoraConfig(Section):
     r: int = Field(16, gt=0, description="Adapter rank. Seeds: 4-8 simple/small data, 16-32 instruction tuning, 64-128 large domain data.")
@@ -103,11 +114,68 @@ class DeepSpeedConfig(Section):
     offload_optimizer: bool = Field(False, description="Offload optimizer states to CPU memory.")
     offload_param: bool = Field(False, description="Offload parameters to CPU memory (stage 3 only).")
 
+    @model_validator(mode="after")
+    def _generated_or_given(self) -> DeepSpeedConfig:
+        # stage/offload_* only shape the generated config: next to a user's config they would be silently ignored.
+        shaping = sorted(self.model_fields_set & {"stage", "offload_optimizer", "offload_param"})
+        if self.config is not None and shaping:
+            raise ValueError(f"deepspeed.{shaping[0]}: not used when deepspeed.config is given "
+                             "(set it inside that DeepSpeed config instead)")
+        if self.config is None and self.offload_param and self.stage != 3:
+            raise ValueError("deepspeed.offload_param: needs deepspeed.stage 3")
+        if isinstance(self.config, dict):
+            _zero_section(self.config, "deepspeed.config")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump_what_runs(self, handler) -> dict[str, Any]:
+        # With a user config, stage/offload_* do not run (and may not be written): config.yaml must load back.
+        data = handler(self)
+        if self.config is not None:
+            for name in ("stage", "offload_optimizer", "offload_param"):
+                data.pop(name, None)
+        return data
+
+    def user_config(self) -> dict[str, Any] | None:
+        """The user's DeepSpeed config (a copy of the inline dict, or the JSON file parsed), or None when tunekit
+        generates it. Raises UserError naming the file (and line) when it cannot be read or parsed."""
+        if self.config is None:
+            return None
+        if isinstance(self.config, dict):
+            return json.loads(json.dumps(self.config))  # a deep copy: callers fill in "auto" values
+        try:
+            parsed = json.loads(Path(self.config).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise UserError(f"deepspeed.config: cannot read {self.config}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"deepspeed.config: {self.config}: not UTF-8 text") from None
+        except json.JSONDecodeError as exc:
+            raise UserError(f"deepspeed.config: {self.config}:{exc.lineno}: DeepSpeed JSON does not parse: {exc.msg}") from None
+        if not isinstance(parsed, dict):
+            raise UserError(f"deepspeed.config: {self.config}: expected a JSON object")
+        _zero_section(parsed, f"deepspeed.config: {self.config}", error=UserError)
+        return parsed
+
+    def zero_stage(self) -> int:
+        """The ZeRO stage this section runs: the user config's zero_optimization.stage, else `stage`."""
+        user = self.user_config()
+        return int(user["zero_optimization"]["stage"]) if user is not None else self.stage
+
+
+def _zero_section(ds: dict, where: str, error: type[Exception] = ValueError) -> dict:
+    """ds["zero_optimization"], checked to name a stage 0-3 (raises `error` naming `where` otherwise)."""
+    zero = ds.get("zero_optimization")
+    if not isinstance(zero, dict) or "stage" not in zero:
+        raise error(f"{where}: no zero_optimization.stage in the DeepSpeed config")
+    if zero["stage"] not in (0, 1, 2, 3) or isinstance(zero["stage"], bool):
+        raise error(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3 (got {zero['stage']!r})")
+    return zero
+
 
 class TrainingConfig(Section):
     learning_rate: float | None = Field(None, gt=0, description="Peak LR. Default: 2e-5 for full, 2e-4 for LoRA/QLoRA.")
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs over the mixed training set (ignored when max_steps > 0).")
-    max_steps: int = Field(-1, description="Optimizer steps; -1 means run num_train_epochs.")
+    max_steps: int = Field(-1, description="Optimizer steps (>= 1); -1 means run num_train_epochs.")
     per_device_train_batch_size: int = Field(8, gt=0, description="Micro-batch size per device.")
     per_device_eval_batch_size: int = Field(8, gt=0, description="Eval batch size per device.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
@@ -127,6 +195,13 @@ class TrainingConfig(Section):
     seed: int = Field(42, description="Seed for init, dropout and data order.")
     logging_steps: int = Field(10, gt=0, description="Log train loss every this many steps.")
     max_seconds: float | None = Field(None, gt=0, description="Stop (and save) after this many seconds of training (compare --budget seconds).")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError("must be -1 (run num_train_epochs) or at least 1")
+        return value
 
 
 class CheckpointsConfig(Section):
@@ -165,19 +240,23 @@ class PreflightConfig(Section):
 
 
 class RunConfig(Section):
+    """What every method shares. A config is always one of the per-method classes below (`parse` picks it by
+    `method`); a section the method does not use is an error, so `lora:` under `method: full` cannot be written."""
+
+    # The highest ZeRO stage the method can run: the one place method-specific DeepSpeed limits live.
+    MAX_ZERO_STAGE: ClassVar[int] = 3
+
     schema_version: int = Field(SCHEMA_VERSION, description="Config schema version (written by tunekit into saved configs).")
     method: Literal["full", "lora", "qlora"] = Field(description="full (DeepSpeed ZeRO-3), lora, or qlora (4-bit NF4 base + LoRA).")
     output_dir: str = Field(description="Run directory: config, checkpoints, final/, summary.json, report.md.")
     model: ModelConfig
     data: DataConfig
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (lora and qlora methods).")
-    qlora: QloraConfig = Field(default_factory=QloraConfig, description="4-bit quantization settings (qlora method).")
-    deepspeed: DeepSpeedConfig | None = Field(None, description="DeepSpeed. Default for full: ZeRO-3. Optional for lora/qlora (multi-GPU).")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     preflight: PreflightConfig = Field(default_factory=PreflightConfig)
+    deepspeed: DeepSpeedConfig | None = Field(None, description="DeepSpeed ZeRO (multi-GPU adapters). Optional for lora/qlora.")
 
     @field_validator("schema_version")
     @classmethod
@@ -187,53 +266,96 @@ class RunConfig(Section):
         return value
 
     @model_validator(mode="after")
-    def _method_rules(self) -> RunConfig:
-        if self.method == "full" and self.deepspeed is None:
-            self.deepspeed = DeepSpeedConfig()
-        if self.deepspeed is not None and self.deepspeed.offload_param and self.deepspeed.stage != 3:
-            raise ValueError("deepspeed.offload_param: needs deepspeed.stage 3")
-        if self.method == "qlora" and self.deepspeed is not None and self.deepspeed.stage == 3 and self.deepspeed.config is None:
-            # bitsandbytes 4-bit weights cannot be partitioned by ZeRO-3's zero.Init in these versions.
-            raise ValueError("deepspeed.stage: 3 conflicts with method qlora (4-bit weights cannot be ZeRO-3 sharded); use stage 2 or drop deepspeed")
+    def _zero_stage_fits_method(self) -> RunConfig:
+        if self.deepspeed is not None and not isinstance(self.deepspeed.config, str):  # a JSON file: _check_paths
+            self.check_zero_stage(self.deepspeed.zero_stage())
         return self
+
+    def check_zero_stage(self, stage: int) -> None:
+        """Raise ValueError ("deepspeed.stage: ...") when the method cannot run under ZeRO `stage`."""
+        if stage > self.MAX_ZERO_STAGE:
+            key = "deepspeed.stage" if self.deepspeed is None or self.deepspeed.config is None else "deepspeed.config"
+            # bitsandbytes 4-bit weights cannot be partitioned by ZeRO-3's zero.Init in these versions.
+            raise ValueError(f"{key}: ZeRO stage {stage} conflicts with method {self.method} (4-bit weights cannot "
+                             f"be ZeRO-3 sharded); use stage {self.MAX_ZERO_STAGE} or drop deepspeed")
 
     @property
     def learning_rate(self) -> float:
         return self.training.learning_rate if self.training.learning_rate is not None else DEFAULT_LR[self.method]
 
-    def redacted(self) -> dict[str, Any]:
-        """The config as a plain dict, with any secret-looking values replaced (for config.yaml and logs)."""
-        return redact(self.model_dump(mode="json"))
+
+class FullRunConfig(RunConfig):
+    """Full fine-tuning: every weight trains, always under DeepSpeed (ZeRO-3 unless the section says otherwise)."""
+
+    method: Literal["full"] = Field(description="full: every weight trains (DeepSpeed ZeRO-3 by default).")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed ZeRO; default stage 3.")
 
 
-def redact(value: Any, key: str = "") -> Any:
-    """Replace values under secret-looking keys (token, api_key, ...) with '<redacted>'."""
-    if isinstance(value, dict):
-        return {k: redact(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, key) for v in value]
-    if value and any(word in key.lower() for word in SECRET_WORDS) and isinstance(value, str):
-        return "<redacted>"
-    return value
+class LoraRunConfig(RunConfig):
+    """LoRA: a frozen base plus trainable low-rank adapters."""
+
+    method: Literal["lora"] = Field(description="lora: low-rank adapters on a frozen base.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
+
+
+class QloraRunConfig(LoraRunConfig):
+    """QLoRA: the LoRA path with the frozen base stored 4-bit (NF4)."""
+
+    MAX_ZERO_STAGE: ClassVar[int] = 2
+    method: Literal["qlora"] = Field(description="qlora: LoRA on a 4-bit NF4 base.")
+    qlora: QloraConfig = Field(default_factory=QloraConfig, description="4-bit quantization settings.")
+
+
+# method -> its config class: which sections exist is decided here and nowhere else.
+CONFIG_CLASSES: dict[str, type[RunConfig]] = {"full": FullRunConfig, "lora": LoraRunConfig, "qlora": QloraRunConfig}
+# section -> the methods that use it, for sections not every method has ("lora: not used by method full").
+SECTION_METHODS = {name: tuple(m for m, cls in CONFIG_CLASSES.items() if name in cls.model_fields)
+                   for cls in CONFIG_CLASSES.values() for name in cls.model_fields
+                   if not all(name in other.model_fields for other in CONFIG_CLASSES.values())}
+
+
+def sections_of(method: str) -> list[str]:
+    """Top-level keys a config of `method` may hold."""
+    return list(CONFIG_CLASSES[method].model_fields)
+
+
+def parse(raw: Any) -> RunConfig:
+    """Validate a config mapping (as read from YAML) into its method's class. Raises pydantic ValidationError, or
+    ValueError for a missing/unknown method (`load` turns both into one-line UserErrors)."""
+    if not isinstance(raw, dict):
+        raise ValueError("(top level): the config must be a YAML mapping of sections")
+    method = raw.get("method")
+    if method is None:
+        raise ValueError(f"method: required key is missing (one of {', '.join(METHODS)})")
+    if method not in CONFIG_CLASSES:
+        raise ValueError(f"method: Input should be 'full', 'lora' or 'qlora' (got {method!r})")
+    return CONFIG_CLASSES[method].model_validate(raw)
 
 
 # ---------------------------------------------------------------- loading
 
 
-def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_paths: bool = True) -> RunConfig:
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_paths: bool = True,
+         saved_by_tunekit: bool = False) -> RunConfig:
     """Read, override (`dotted.key=value`), validate and return the config.
 
-    Raises UserError with one line `FILE:LINE: KEY: problem` (or `--set KEY=VALUE: KEY: problem`) for anything wrong.
+    Raises UserError with one line `FILE:LINE: KEY: problem` (or `--set KEY=VALUE: KEY: problem`) for anything wrong,
+    including a key written twice (YAML would silently keep the last one).
     Relative paths inside the config (model, data, deepspeed json) stay as written: they resolve from the cwd.
     check_paths=False validates the schema only (shipped configs whose model/data are built later).
+    saved_by_tunekit: a run directory's config.yaml, upgraded from older schema versions (`_upgrade`).
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
-    text = path.read_text()
     try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: the config is not UTF-8 text") from None
+    try:
+        origins = {key: f"{path}:{line}" for key, line in _key_lines(yaml.compose(text), str(path)).items()}
         raw = yaml.safe_load(text)
-        origins = {key: f"{path}:{line}" for key, line in _key_lines(yaml.compose(text)).items()}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -241,17 +363,34 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_pa
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the config must be a YAML mapping of sections")
     origins[()] = str(path)
+    if saved_by_tunekit:
+        _upgrade(raw)
     for item in overrides:
         key = _apply_override(raw, item)
         origins = {k: v for k, v in origins.items() if k[: len(key)] != key}
+        for end in range(1, len(key) + 1):  # sections the override created are written there too
+            origins.setdefault(key[:end], f"--set {item}")
         origins[key] = f"--set {item}"
     try:
-        config = RunConfig.model_validate(raw)
+        config = parse(raw)
     except ValidationError as exc:
-        raise UserError(_describe(exc, origins)) from None
+        raise UserError(_describe(exc, origins, CONFIG_CLASSES[raw["method"]])) from None
+    except ValueError as exc:  # no or unknown method
+        key, message = str(exc).split(": ", 1)
+        raise UserError(f"{_origin((key,), origins)}: {key}: {message}") from None
     if check_paths:
         _check_paths(config, origins)
     return config
+
+
+def _upgrade(raw: dict) -> None:
+    """A config.yaml that tunekit wrote with schema 1 holds default lora/qlora sections for every method (tunekit
+    put them there, not the user): drop the ones its method does not use, so old runs still merge and export."""
+    if raw.get("schema_version") == 1 and raw.get("method") in CONFIG_CLASSES:
+        for name in [key for key in raw if key not in CONFIG_CLASSES[raw["method"]].model_fields]:
+            if name in SECTION_METHODS:
+                del raw[name]
+        raw["schema_version"] = SCHEMA_VERSION
 
 
 def _apply_override(raw: dict, item: str) -> tuple:
@@ -261,17 +400,15 @@ def _apply_override(raw: dict, item: str) -> tuple:
     key, value = item.split("=", 1)
     node: Any = raw
     parts: list[Any] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
-    for part in parts[:-1]:
-        if isinstance(node, list) and isinstance(part, int) and part < len(node):
-            node = node[part]
-            continue
-        if not isinstance(node, dict):
-            raise UserError(f"--set {key}: {part} is not a section")
-        node = node.setdefault(part, {})
-    if isinstance(node, list) and isinstance(parts[-1], int) and parts[-1] < len(node):
-        pass
-    elif not isinstance(node, dict):
-        raise UserError(f"--set {key}: {parts[-2]} is not a section")
+    for depth, part in enumerate(parts):
+        if isinstance(node, list):
+            if not isinstance(part, int) or part >= len(node):
+                where = ".".join(map(str, parts[:depth]))
+                raise UserError(f"--set {key}: {where} is a list of {len(node)} entries; address one by index 0-{len(node) - 1}")
+        elif not isinstance(node, dict):
+            raise UserError(f"--set {key}: {'.'.join(map(str, parts[:depth]))} is a value, not a section")
+        if depth < len(parts) - 1:
+            node = node[part] if isinstance(node, list) else node.setdefault(part, {})
     try:
         node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
@@ -279,18 +416,25 @@ def _apply_override(raw: dict, item: str) -> tuple:
     return tuple(parts)
 
 
-def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
-    """Map every dotted key path (list items by index) to its 1-based line in the YAML file."""
+def _key_lines(node: yaml.Node | None, where: str, prefix: tuple = ()) -> dict[tuple, int]:
+    """Map every dotted key path (list items by index) to its 1-based line in the YAML file.
+
+    Raises UserError on a key written twice in one mapping: YAML keeps the last and silently drops the first.
+    """
     lines: dict[tuple, int] = {}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             path = prefix + (key_node.value,)
-            lines[path] = key_node.start_mark.line + 1
-            lines.update(_key_lines(value_node, path))
+            line = key_node.start_mark.line + 1
+            if path in lines:
+                raise UserError(f"{where}:{line}: {'.'.join(map(str, path))}: written twice (first at line "
+                                f"{lines[path]}); YAML would silently keep only the last one")
+            lines[path] = line
+            lines.update(_key_lines(value_node, where, path))
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             lines[prefix + (index,)] = item.start_mark.line + 1
-            lines.update(_key_lines(item, prefix + (index,)))
+            lines.update(_key_lines(item, where, prefix + (index,)))
     return lines
 
 
@@ -302,32 +446,40 @@ def _origin(loc: tuple, origins: dict[tuple, str]) -> str:
     return ""
 
 
-def _describe(exc: ValidationError, origins: dict[tuple, str]) -> str:
+DOTTED_KEY = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z0-9_]+)*$")
+
+
+def _describe(exc: ValidationError, origins: dict[tuple, str], model: type[RunConfig]) -> str:
     """One line for the first validation error: file:line: dotted.key: what is wrong."""
     error = exc.errors()[0]
     loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and "[" in part))
     key = ".".join(str(part) for part in loc) or "(top level)"
     where = _origin(loc, origins)
     kind = error["type"]
-    if kind == "extra_forbidden":
-        message = f"unknown key '{loc[-1]}'" + _did_you_mean(loc)
+    method = model.model_fields["method"].annotation.__args__[0]
+    if kind == "extra_forbidden" and len(loc) == 1 and loc[0] in SECTION_METHODS:
+        users = ", ".join(SECTION_METHODS[loc[0]])
+        message = f"not used by method {method} (only by {users}); remove the section or change method"
+    elif kind == "extra_forbidden":
+        message = f"unknown key '{loc[-1]}'" + _did_you_mean(loc, model)
     elif kind == "missing":
         message = "required key is missing"
     else:
         message = error["msg"].removeprefix("Value error, ")
         if "input" in error and not isinstance(error["input"], (dict, list)):
             message += f" (got {error['input']!r})"
-        if not loc and ": " in message:  # whole-config rules name their key first: "deepspeed.stage: ..."
-            key, message = message.split(": ", 1)
+        named, _, rest = message.partition(": ")
+        if rest and DOTTED_KEY.match(named) and "." in named or not loc and rest:
+            # rules spanning several keys name the key they blame first: "deepspeed.stage: ..."
+            key, message = named, rest
             where = _origin(tuple(int(p) if p.isdigit() else p for p in key.split(".")), origins)
     more = len(exc.errors()) - 1
     suffix = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
     return f"{where}: {key}: {message}{suffix}"
 
 
-def _section_for(loc: tuple) -> type[BaseModel] | None:
+def _section_for(loc: tuple, model: type[BaseModel]) -> type[BaseModel] | None:
     """Walk the schema along `loc` (minus its last key) to find the model that rejected the key."""
-    model: Any = RunConfig
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
@@ -348,11 +500,11 @@ def _section_for(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
-def _did_you_mean(loc: tuple) -> str:
-    model = _section_for(loc)
-    if model is None:
+def _did_you_mean(loc: tuple, model: type[BaseModel]) -> str:
+    section = _section_for(loc, model)
+    if section is None:
         return ""
-    match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    match = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
@@ -371,13 +523,12 @@ def _check_paths(config: RunConfig, origins: dict[tuple, str]) -> None:
         if value is not None and not Path(value).is_file():
             fail(loc, f"data file not found: {value}")
     if config.deepspeed is not None and isinstance(config.deepspeed.config, str):
-        ds_path = Path(config.deepspeed.config)
-        if not ds_path.is_file():
-            fail(("deepspeed", "config"), f"DeepSpeed JSON not found: {ds_path}")
+        if not Path(config.deepspeed.config).is_file():
+            fail(("deepspeed", "config"), f"DeepSpeed JSON not found: {config.deepspeed.config}")
         try:
-            json.loads(ds_path.read_text())
-        except json.JSONDecodeError as exc:
-            fail(("deepspeed", "config"), f"{ds_path}:{exc.lineno}: DeepSpeed JSON does not parse: {exc.msg}")
+            config.check_zero_stage(config.deepspeed.zero_stage())
+        except (UserError, ValueError) as exc:
+            fail(("deepspeed", "config"), str(exc).removeprefix("deepspeed.config: "))
 
 
 def looks_local(name: str) -> bool:
@@ -392,7 +543,7 @@ def looks_local(name: str) -> bool:
 def trap_warnings(config: RunConfig) -> list[str]:
     """Known traps from the seeds: legal, but usually a mistake. Returned as messages (the CLI prints them)."""
     messages = []
-    uses_lora = config.method in ("lora", "qlora")
+    uses_lora = isinstance(config, LoraRunConfig)
     if uses_lora and config.lora.alpha is not None and config.lora.alpha == config.lora.r:
         messages.append(
             f"lora.alpha == lora.r ({config.lora.r}): scale 1.0 trains slowly; the usual choice is alpha = 2*r"

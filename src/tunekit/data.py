@@ -12,13 +12,16 @@ The result is a `datasets.Dataset` with `input_ids` and `labels` (-100 where no 
 
 from __future__ import annotations
 
+import csv
+import difflib
 import hashlib
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tunekit.config import RunConfig, SourceConfig, looks_local
 from tunekit.errors import UserError
@@ -48,37 +51,49 @@ class PreparedData:
 
 # ---------------------------------------------------------------- reading and checking
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # what the major templates render (Llama 3, Qwen 2+, Mistral)
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}  # ShareGPT, Gemma
+STRING_FIELDS = {  # format -> fields that must be strings when present (required ones are checked for presence first)
+    "alpaca": ("instruction", "input", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+    "chat": (),
+}
+
 
 def read_rows(path: str, fmt: str, split: str = "train", max_examples: int | None = None) -> list[dict]:
     """Rows of a local JSON/JSONL/Parquet/CSV file (or a hub dataset), each checked for `fmt`'s fields.
 
-    Raises UserError naming FILE:LINE (or FILE row N) for a bad JSON line, a missing field, or an empty file.
+    Raises UserError `FILE:LINE: problem` (`FILE row N` for parquet and hub datasets) for bytes that are not UTF-8,
+    a bad JSON line, a missing field or one of the wrong type, or an empty file; whatever `datasets` raises while
+    loading a parquet file or a hub dataset becomes one such line too.
     """
     if not looks_local(path):
-        rows = _read_hub(path, split)
+        rows, where = _read_hub(path, split), (lambda i: f"{path} row {i + 1}")
     else:
         suffix = Path(path).suffix.lower()
-        if suffix == ".jsonl":
-            rows = _read_jsonl(path)
-        elif suffix == ".json":
-            rows = _read_json(path)
-        elif suffix in (".parquet", ".csv"):
-            import datasets
-
-            rows = datasets.load_dataset(suffix[1:], data_files=path, split="train").to_list()
-        else:
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+        if suffix not in readers:
             raise UserError(f"{path}: unsupported data file type '{suffix}' (use .jsonl, .json, .parquet or .csv)")
+        try:
+            rows, where = readers[suffix](path)
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
     if not rows:
         raise UserError(f"{path}: no examples (empty file)")
-    line_of = (lambda i: f"{path}:{i + 1}") if path.endswith((".jsonl", ".json")) else (lambda i: f"{path} row {i + 1}")
     for index, row in enumerate(rows):
-        _check_row(row, fmt, line_of(index))
+        if (problem := check_row(row, fmt)) is not None:
+            raise UserError(f"{where(index)}: {problem}")
     return rows[:max_examples] if max_examples else rows
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
+# Each reader returns (rows, where): where(i) names row i for an error message, "FILE:LINE" when the file has lines.
+# Text files are opened as utf-8-sig: UTF-8, with the byte-order mark some editors write skipped.
+
+
+def _read_jsonl(path: str) -> tuple[list, Callable[[int], str]]:
+    rows, lines = [], []
+    with open(path, encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -86,12 +101,14 @@ def _read_jsonl(path: str) -> list[dict]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}:{number}: bad JSON line: {exc.msg}") from None
-    return rows
+            lines.append(number)
+    return rows, lambda i: f"{path}:{lines[i]}"
 
 
-def _read_json(path: str) -> list[dict]:
+def _read_json(path: str) -> tuple[list, Callable[[int], str]]:
+    text = Path(path).read_text(encoding="utf-8-sig")
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}:{exc.lineno}: bad JSON: {exc.msg}") from None
     if isinstance(data, dict):  # {"data": [...]}-style files
@@ -99,7 +116,57 @@ def _read_json(path: str) -> list[dict]:
         data = lists[0] if len(lists) == 1 else None
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON list of examples")
-    return data
+    return data, lambda i: f"{path}:{_json_example_lines(text)[i]}"  # lines found only when an error needs one
+
+
+def _json_example_lines(text: str) -> list[int]:
+    """Line of the start of each example in a valid JSON file holding a list (or an object with one list value)."""
+    decoder, space = json.JSONDecoder(), re.compile(r"[ \t\n\r]*")
+    pos = space.match(text).end()
+    if text[pos] == "{":  # walk "key": value pairs up to the list
+        pos = space.match(text, pos + 1).end()
+        while True:
+            _, pos = decoder.raw_decode(text, pos)  # the key
+            pos = space.match(text, space.match(text, pos).end() + 1).end()  # past ':'
+            if text[pos] == "[":
+                break
+            _, pos = decoder.raw_decode(text, pos)
+            pos = space.match(text, space.match(text, pos).end() + 1).end()  # past ','
+    lines, line, counted = [], 1, 0
+    pos = space.match(text, pos + 1).end()  # past '['
+    while text[pos] != "]":
+        line, counted = line + text.count("\n", counted, pos), pos
+        lines.append(line)
+        _, pos = decoder.raw_decode(text, pos)
+        pos = space.match(text, pos).end()
+        pos = space.match(text, pos + 1).end() if text[pos] == "," else pos
+    return lines
+
+
+def _read_csv(path: str) -> tuple[list, Callable[[int], str]]:
+    """Every cell as the text written (no number or "NA" guessing); an empty cell is a missing value."""
+    rows, lines = [], []
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        for cells in reader:
+            if not cells:
+                continue  # blank line
+            if len(cells) > len(header):
+                raise UserError(f"{path}:{reader.line_num}: {len(cells)} cells, but the header names {len(header)}")
+            rows.append({name: cell or None for name, cell in zip(header, cells + [""] * (len(header) - len(cells)))})
+            lines.append(reader.line_num)  # the row's last line (its only one unless a quoted cell spans lines)
+    return rows, lambda i: f"{path}:{lines[i]}"
+
+
+def _read_parquet(path: str) -> tuple[list, Callable[[int], str]]:
+    import datasets
+
+    try:
+        rows = datasets.load_dataset("parquet", data_files=path, split="train").to_list()
+    except Exception as exc:  # pyarrow and datasets raise many types; the user needs one line
+        raise UserError(f"{path}: cannot read parquet file: {_first_line(exc)}") from None
+    return rows, lambda i: f"{path} row {i + 1}"
 
 
 def _read_hub(name: str, split: str) -> list[dict]:
@@ -108,23 +175,74 @@ def _read_hub(name: str, split: str) -> list[dict]:
     try:
         return datasets.load_dataset(name, split=split).to_list()
     except Exception as exc:  # the hub client raises many types; the user needs one line
-        raise UserError(f"{name}: could not load dataset (split {split}): {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{name}: could not load dataset (split {split}): {_first_line(exc)}") from None
 
 
-def _check_row(row: Any, fmt: str, where: str) -> None:
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _not_utf8(path: str) -> UserError:
+    """The error for a text file that does not decode as UTF-8, naming the first bad line and byte."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):  # b"\n" never occurs inside a multi-byte UTF-8 character
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return UserError(f"{path}:{number}: not UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1}); "
+                                 "save the file as UTF-8")
+    return UserError(f"{path}: not UTF-8; save the file as UTF-8")
+
+
+def check_row(row: Any, fmt: str) -> str | None:
+    """The first problem of one example for format `fmt`, as "key: problem" (None when it is fine).
+
+    Pure, so any reader can use it: required fields present, text fields strings (an object would otherwise train
+    on its Python repr), chat messages {role, content} objects with a known role and string content.
+    """
     if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        return f"expected a JSON object, got {_json_type(row)}"
     for name in REQUIRED_FIELDS[fmt]:
         if row.get(name) is None:
             guess = next((other for other, names in REQUIRED_FIELDS.items() if all(n in row for n in names)), None)
             hint = f" (this row looks like format '{guess}')" if guess and guess != fmt else ""
-            raise UserError(f"{where}: missing field '{name}' for format '{fmt}'{hint}")
+            return f"{name}: missing field for format '{fmt}'{hint}"
+    for name in STRING_FIELDS[fmt]:
+        if row.get(name) is not None and not isinstance(row[name], str):  # alpaca's `input` may be absent or null
+            return f"{name}: expected a string, got {_json_type(row[name])}"
     if fmt == "chat":
-        messages = row["messages"]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-            raise UserError(f"{where}: 'messages' must be a list of {{role, content}} objects")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise UserError(f"{where}: chat example has no assistant message to learn from")
+        return _check_messages(row["messages"])
+    return None
+
+
+def _check_messages(messages: Any) -> str | None:
+    if not isinstance(messages, list):
+        return f"messages: expected a list of {{role, content}} objects, got {_json_type(messages)}"
+    for index, message in enumerate(messages):
+        key = f"messages[{index}]"
+        if not isinstance(message, dict):
+            return f"{key}: expected a {{role, content}} object, got {_json_type(message)}"
+        if "from" in message and "value" in message and "role" not in message:
+            return f"{key}: 'from'/'value' is the ShareGPT layout; chat messages need 'role' and 'content'"
+        for name in ("role", "content"):
+            if name not in message:
+                return f"{key}.{name}: missing"
+        role = message["role"]
+        if role not in CHAT_ROLES:  # a typo'd role would be rendered as plain text by many templates, or crash them
+            near = ROLE_ALIASES.get(str(role).lower()) or next(iter(difflib.get_close_matches(str(role), CHAT_ROLES, 1)), None)
+            hint = f" (did you mean '{near}'?)" if near else ""
+            return f"{key}.role: unknown role {json.dumps(role, default=str)}{hint}; expected one of {', '.join(CHAT_ROLES)}"
+        if not isinstance(message["content"], str):
+            return f"{key}.content: expected a string, got {_json_type(message['content'])}"
+    if not any(message["role"] == "assistant" for message in messages):
+        return "chat example has no assistant message to learn from"
+    return None
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a value's type (what the user wrote), e.g. object for a dict."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 # ---------------------------------------------------------------- formatting
@@ -157,7 +275,11 @@ def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
         raise UserError("format 'chat' needs a tokenizer with a chat template (model.name_or_path has none)")
 
     def render(upto: int, generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)
+        try:
+            return tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as exc:  # a template's raise_exception (e.g. roles must alternate): the user's data, one line
+            raise UserError(f"data: the chat template of {tokenizer.name_or_path} refuses a conversation starting "
+                            f"{json.dumps(messages[0]['content'][:40])}: {_first_line(exc)}") from None
 
     pieces: list[tuple[str, bool]] = []
     done = ""  # text already assigned to pieces

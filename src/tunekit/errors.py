@@ -6,3 +6,9 @@ The CLI catches it once and prints `error: <message>` with exit code 2; anything
 
 class UserError(Exception):
     """A problem the user can fix: the message is one line that names the key or file:line."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """"Type: first line of the message" (at most `limit` characters of it): a library's error, fit for one line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:limit]}" if lines else type(exc).__name__

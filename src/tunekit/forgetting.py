@@ -9,7 +9,7 @@ and `forgetting_flag` compares the two against `eval.forgetting_threshold`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -115,10 +115,12 @@ def forgetting_flag(base_loss: float, losses: Sequence[tuple[int, float]], thres
 class ForgettingCallback(TrainerCallback):
     """At each evaluation: `general_loss` on the general texts, recorded as (step, loss) in `history`.
 
-    The value is also added to the evaluation's `metrics` dict (so a later callback, or the checkpoint ranking, can
-    use `eval_general_loss`) and appended to `state.log_history` as {"eval_general_loss", "step"}: the Trainer logs
-    its metrics before on_evaluate fires, so that is the only way into the history. Trackers (wandb, tensorboard) do
-    not see it. Every rank computes (ZeRO-3 forward is collective) and records. `result()` is `forgetting_flag`.
+    The value is logged as `eval_general_loss` through `log`, the Trainer's own `log` (handed over by
+    train.build_trainer once the Trainer exists): the Trainer logs its evaluation metrics before on_evaluate fires,
+    and only `Trainer.log` reaches both `state.log_history` (the report, checkpoint markers) and the trackers (wandb,
+    tensorboard). It is also added to the evaluation's `metrics` dict, so later callbacks and `evaluate()`'s caller
+    see it. Every rank computes (ZeRO-3 forward is collective) and logs, as every rank runs `Trainer.log`.
+    `result()` is `forgetting_flag`.
     """
 
     def __init__(self, tokenizer, texts: Sequence[str], base_loss: float, threshold: float, max_seq_len: int,
@@ -130,20 +132,23 @@ class ForgettingCallback(TrainerCallback):
         self.max_seq_len = max_seq_len
         self.batch_size = batch_size
         self.history: list[tuple[int, float]] = []
+        self.log: Callable[[dict[str, float]], None] | None = None  # Trainer.log, set by train.build_trainer
         self._warned = False
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         model = kwargs.get("model")
         if model is None:
             return
+        if self.log is None:
+            raise RuntimeError("ForgettingCallback.log is not set: give it the Trainer's log (train.build_trainer)")
         loss = general_loss(model, self.tokenizer, self.texts, self.max_seq_len, self.batch_size)
         self.history.append((state.global_step, loss))
         if metrics is not None:
             metrics["eval_general_loss"] = loss
-        entry = {"eval_general_loss": loss, "step": state.global_step}
-        if state.epoch is not None:
-            entry["epoch"] = state.epoch
-        state.log_history.append(entry)
+        # The model is in eval mode here (evaluation set it; general_loss restores it), so SFTTrainer.log adds only
+        # its eval averages, already emptied by the evaluation's own entry: this entry is just the loss (+ step,
+        # epoch, tokens seen, peak memory).
+        self.log({"eval_general_loss": loss})
         verdict = self.result()
         if state.is_world_process_zero:
             logger.info("step %d: %s", state.global_step, verdict["message"])

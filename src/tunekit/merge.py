@@ -6,8 +6,11 @@ The result (safetensors shards + tokenizer with the training chat template + gen
 + merge_check.json) loads with `AutoModelForCausalLM.from_pretrained` alone: no peft, no bitsandbytes, no
 quantization_config. The recipe reads like its steps:
 
-    open the run → refuse a bad --out early → pick the check inputs → merge (LoRA, or QLoRA into either base)
-    → logit check → write into OUT.tmp → rename to OUT
+    open the run → refuse a bad --out early → what training resolved → pick the check inputs
+    → merge (LoRA, or QLoRA into either base) → logit check → write into OUT.tmp → rename to OUT
+
+What "auto" stood for in training (load dtype, precision, attention) comes from the run's resolved.json, not from
+this machine: a QLoRA run trained on a bf16 GPU and merged on a CPU is re-quantized from bf16, as in training.
 
 QLoRA is never re-quantized after merging: rounding the merged weights back to NF4 throws away most of the adapter's
 update (the CPU stack measured a 0.06 logit shift from that alone) and ships a silently degraded model. The default
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,7 +34,9 @@ import torch
 
 from tunekit import rundir
 from tunekit.config import RunConfig, looks_local
-from tunekit.errors import UserError
+from tunekit.errors import UserError, first_line
+from tunekit.modelcard import model_card
+from tunekit.rundir import ADAPTER_FILES, Resolved, Run
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -53,21 +58,6 @@ FALLBACK_PROMPTS = [  # when the run's data files are gone (or on a hub): a fixe
     "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
     "Question: What is the capital of France?\nAnswer: Paris.",
 ]
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-@dataclass
-class Run:
-    """A finished run as merge/export need it: its config, summary and final/ directory."""
-
-    dir: Path
-    config: RunConfig
-    summary: dict[str, Any]
-    final: Path
-
-    @property
-    def has_adapter(self) -> bool:
-        return all((self.final / name).is_file() for name in ADAPTER_FILES)
 
 
 @dataclass
@@ -94,115 +84,144 @@ def merge_run(run_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | N
               overwrite: bool = False, max_shard_size: str = "5GB") -> Path:
     """Merge the run's adapter into its base, check logits, write OUT; returns OUT.
 
-    dtype: fp32|bf16|fp16 or None (the base checkpoint's stored dtype, or model.dtype when the run set one).
+    dtype: fp32|bf16|fp16 or None (`default_dtype`: the dtype the run trained its base in).
     base: QLoRA only — "dequantized" (the NF4 weights trained against) or "original" (full-precision weights).
-    Raises UserError: no adapter (incl. full runs), base not found, OUT exists without overwrite, check failed.
+    Raises UserError: not a finished run, no adapter (incl. full runs), base/tokenizer/adapter cannot be loaded,
+    OUT exists without overwrite, check failed.
     """
-    run = open_run(run_dir)
+    return merge(rundir.open_run(run_dir), out, dtype, base, overwrite, max_shard_size)
+
+
+def merge(run: Run, out: str | os.PathLike, dtype: str | None = None, base: str = "dequantized",
+          overwrite: bool = False, max_shard_size: str = "5GB") -> Path:
+    """merge_run on an opened run (export's merged format comes here too)."""
     if not run.has_adapter:
         hint = " (a full fine-tuning run: its final/ already is a standalone model; use `tunekit export`)" \
             if run.config.method == "full" else ""
         raise UserError(f"{run.final}: no adapter to merge (needs {' + '.join(ADAPTER_FILES)}){hint}")
-    out_dir = check_out(out, run, overwrite)
+    out_dir = rundir.check_out(out, run, overwrite)
+    trained = training_settings(run)
     base_config = load_base_config(run.config)
-    save_dtype = dtype or default_dtype(run.config, base_config)
+    check_adapter(run)  # a broken adapter fails now, before the base loads
+    save_dtype = dtype or default_dtype(run, base_config)
     tokenizer = load_run_tokenizer(run)
     inputs = check_inputs(run.config, tokenizer)
-    merged = merge_adapter(run, tokenizer, inputs, save_dtype, base)
+    merged = merge_adapter(run, trained, tokenizer, inputs, save_dtype, base)
+    merged.check["trained_with"] = run.resolved.model_dump(mode="json") if run.resolved is not None else None
+    merged.check["merged_with"] = {"device": "cuda" if torch.cuda.is_available() else "cpu",
+                                   "versions": rundir.library_versions()}
     print(format_check(merged.check))
     if not merged.check["passed"]:
         raise UserError(f"merge check failed: {merged.check['failure']}; nothing written to {out_dir}")
-    from tunekit.export import model_card  # the card is export's concern; merge writes one too
-
-    with staged_dir(out_dir, overwrite) as tmp:
+    with rundir.staged_dir(out_dir, overwrite) as tmp:
         save_model(merged.model, tokenizer, tmp, max_shard_size)
         rundir.write_json(tmp / "merge_check.json", merged.check)
-        rundir.write_text_atomically(tmp / "README.md", model_card(run, merged.check))
+        rundir.write_text_atomically(tmp / "README.md", str(model_card(run, merged.check)))
     print(f"merged model: {out_dir} ({save_dtype}, base: {merged.check['base']})")
     return out_dir
 
 
-# ---------------------------------------------------------------- run, output and base checks (shared with export)
+# ---------------------------------------------------------------- training's record, and loading (shared with export)
 
 
-def open_run(run_dir: str | os.PathLike) -> Run:
-    """The run at run_dir; UserError when it is not a finished tunekit run (no config.yaml or no final/)."""
-    config, summary = rundir.load_run(run_dir)
-    final = Path(run_dir) / "final"
-    if not final.is_dir():
-        raise UserError(f"{run_dir}: no final/ directory (the run did not finish); nothing to merge or export")
-    return Run(Path(run_dir), config, summary, final)
+def training_settings(run: Run) -> Resolved:
+    """What "auto" stood for where the run trained (its resolved.json). A run written before tunekit recorded it
+    gets the old derivation on this machine, with a one-line warning: a bf16 GPU run merged on a CPU then loads and
+    re-quantizes its base from fp32 rather than from the bf16 it trained on."""
+    if run.resolved is not None:
+        return run.resolved
+    from tunekit.backends.common import precision, weights_dtype
+
+    print(f"warning: {run.dir}: no {rundir.RESOLVED_NAME} (a run from an earlier tunekit): precision, load dtype and "
+          "attention are re-derived on this machine and may differ from training", file=sys.stderr)
+    config = run.config
+    try:
+        mode, load_dtype = precision(config), weights_dtype(config)
+    except UserError:  # precision fp16 asked for on a machine without CUDA: the base loaded in fp32 there too
+        mode, load_dtype = "fp32", torch.float32
+    return Resolved(precision=mode, load_dtype=str(load_dtype).removeprefix("torch."),
+                    zero_stage=run.summary.get("zero_stage"), world_size=run.summary.get("world_size") or 1,
+                    attn_implementation=config.model.attn_implementation, device="not recorded", versions={})
 
 
-def check_out(out: str | os.PathLike, run: Run, overwrite: bool) -> Path:
-    """--out as a Path; UserError when it exists (unless overwrite) or when replacing it would delete the run."""
-    out_dir = Path(out)
-    resolved, run_resolved = out_dir.resolve(), run.dir.resolve()
-    if resolved == run_resolved or resolved in run_resolved.parents or resolved == run.final.resolve() \
-            or run.final.resolve() in resolved.parents:
-        raise UserError(f"--out {out}: would overwrite the run itself; choose a directory outside {run.dir}/final")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"--out {out}: already exists; pass --overwrite to replace it")
-    return out_dir
+def training_load_dtype(trained: Resolved) -> torch.dtype:
+    """The dtype training loaded the base in (QLoRA: before quantizing it; NF4 codes and scales depend on it)."""
+    return getattr(torch, trained.load_dtype)
+
+
+def default_dtype(run: Run, stored_config) -> str:
+    """fp32|bf16|fp16 to save in when --dtype is not given.
+
+    model.dtype when the run set one. Else, from the run's record: LoRA/QLoRA save in the dtype training loaded the
+    base in (a bf16 base trained on a GPU ships bf16; fp32 would double the size, not restore precision the
+    trained model never had); a full run's load dtype is always fp32 (master weights), but what it saved into
+    final/ is its compute precision (DeepSpeed's bf16/fp16 runs save their 16-bit copies), so that. A run without a
+    record keeps the old rule: the dtype `stored_config` (the base's, or final/'s) says the checkpoint is stored in.
+    """
+    config = run.config
+    if config.model.dtype != "auto":
+        return DTYPE_NAMES[config.model.dtype]
+    if run.resolved is not None:
+        return run.resolved.precision if config.method == "full" else DTYPE_NAMES[run.resolved.load_dtype]
+    stored = getattr(stored_config, "dtype", None) or getattr(stored_config, "torch_dtype", None)
+    stored = str(stored).removeprefix("torch.") if stored is not None else "float32"
+    return DTYPE_NAMES.get(stored, "fp32")
+
+
+def check_attention(trained: Resolved) -> str | None:
+    """The attention kernel to load the base with: the one training used, except a CUDA-only kernel on a machine
+    without CUDA (then sdpa: same weights, and the check compares merged and unmerged under the same kernel)."""
+    attn = trained.attn_implementation
+    if attn is not None and attn.startswith("flash_attention") and not torch.cuda.is_available():
+        print(f"note: the run trained with {attn}, which needs a CUDA GPU; the merge check runs sdpa", file=sys.stderr)
+        return "sdpa"
+    return attn
 
 
 @contextmanager
-def staged_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield OUT.tmp to write into; on success it replaces OUT (the old OUT is removed only once the new one is in
-    place), on any error it is removed and OUT is left as it was."""
-    out_dir = out_dir.resolve()  # siblings of "." or "x/" need a real name
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted merge/export
-    tmp.mkdir(parents=True)
+def loading(what: str) -> Iterator[None]:
+    """Any exception a library raises in this block becomes one UserError line: `what` (which names the user's file
+    or directory) and the first line of the library's message. Only around loads of the user's files (a corrupt
+    safetensors file, an unknown model_type, a broken adapter_config.json): our own bugs keep their traceback."""
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        yield
+    except UserError:
         raise
-    if out_dir.exists():
-        if not overwrite and any(out_dir.iterdir()):  # someone wrote OUT meanwhile
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"--out {out_dir}: appeared while writing; pass --overwrite to replace it")
-        old = out_dir.with_name(out_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+    except Exception as exc:
+        raise UserError(f"{what}: {first_line(exc)}") from None
 
 
 def load_base_config(config: RunConfig):
-    """The base model's transformers config; UserError (one line) when the base cannot be found."""
+    """The base model's transformers config; UserError (one line) when the base cannot be found or read."""
     from transformers import AutoConfig
 
     name = config.model.name_or_path
     if looks_local(name) and not Path(name).is_dir():
         raise UserError(f"base model not found: {name} (model.name_or_path in the run's config.yaml)")
-    try:
+    with loading(f"base model {name}: cannot load its config"):
         return AutoConfig.from_pretrained(name, trust_remote_code=config.model.trust_remote_code,
                                           revision=config.model.revision)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"base model not found: {name}: {str(exc).splitlines()[0]}") from None
 
 
-def default_dtype(config: RunConfig, model_config) -> str:
-    """fp32|bf16|fp16 to save in: model.dtype when the run set one, else the dtype the checkpoint is stored in
-    (merging does not make a bf16 base more precise; saving it as fp32 would only double its size)."""
-    if config.model.dtype != "auto":
-        return DTYPE_NAMES[config.model.dtype]
-    stored = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
-    stored = str(stored).removeprefix("torch.") if stored is not None else "float32"
-    return DTYPE_NAMES.get(stored, "fp32")
+def check_adapter(run: Run) -> None:
+    """final/'s adapter as peft and safetensors read it: the config parses, the weights' header is whole (a
+    truncated file fails here). UserError (one line) when not; cheap, so it runs before the base loads."""
+    from peft import PeftConfig
+    from safetensors import safe_open
+
+    with loading(f"adapter {run.final / 'adapter_config.json'}: cannot load"):
+        PeftConfig.from_pretrained(run.final)
+    weights = run.final / "adapter_model.safetensors"
+    with loading(f"adapter {weights}: cannot read"), safe_open(str(weights), framework="pt"):
+        pass
 
 
 def load_run_tokenizer(run: Run):
     """The tokenizer saved in final/: the training one, with its chat template and any added tokens."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(run.final, trust_remote_code=run.config.model.trust_remote_code)
+    with loading(f"tokenizer in {run.final}: cannot load"):
+        return AutoTokenizer.from_pretrained(run.final, trust_remote_code=run.config.model.trust_remote_code)
 
 
 def save_model(model, tokenizer, out_dir: Path, max_shard_size: str) -> None:
@@ -261,19 +280,21 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 # ---------------------------------------------------------------- merging
 
 
-def merge_adapter(run: Run, tokenizer, inputs: CheckInputs, save_dtype: str, base: str) -> Merged:
+def merge_adapter(run: Run, trained: Resolved, tokenizer, inputs: CheckInputs, save_dtype: str, base: str) -> Merged:
     """Merge and check. LoRA: one merge into the base as trained. QLoRA: both bases, the other one first (then freed),
-    so only one full-precision copy of the model is alive at a time besides the 4-bit reference."""
+    so only one full-precision copy of the model is alive at a time besides the 4-bit reference.
+    trained: the run's resolved settings (load dtype, attention)."""
+    attn = check_attention(trained)
     if run.config.method != "qlora":
-        model, diffs = merge_into(run, tokenizer, inputs, save_dtype, packed=None, reference=None)
+        model, diffs = merge_into(run, tokenizer, inputs, save_dtype, attn, packed=None, reference=None)
         check = check_record(inputs, save_dtype, "original", diffs["vs_trained"], reference_kind="adapter model "
                              "(base in fp32 + adapter, unmerged)", gate=diffs["vs_trained"], scale=diffs["scale"])
         return Merged(model, check)
 
-    reference, packed = quantized_reference(run, tokenizer, inputs)
+    reference, packed = quantized_reference(run, tokenizer, inputs, training_load_dtype(trained), attn)
     results: dict[str, dict] = {}
     for choice in [c for c in ("dequantized", "original") if c != base] + [base]:
-        model, results[choice] = merge_into(run, tokenizer, inputs, save_dtype,
+        model, results[choice] = merge_into(run, tokenizer, inputs, save_dtype, attn,
                                             packed=packed if choice == "dequantized" else None,
                                             reference=reference)
         if choice != base:
@@ -287,10 +308,11 @@ def merge_adapter(run: Run, tokenizer, inputs: CheckInputs, save_dtype: str, bas
                          reference_kind="trained model: 4-bit NF4 base + adapter (fp32 compute)", gate=gate,
                          scale=chosen["scale"])
     check["qlora"] = {name: {key: r[key] for key in ("vs_trained", "merge_only")} for name, r in results.items()}
+    check["quantized_from"] = trained.load_dtype  # the dtype the 4-bit base was quantized from, as in training
     return Merged(model, check)
 
 
-def merge_into(run: Run, tokenizer, inputs: CheckInputs, save_dtype: str, packed: dict | None,
+def merge_into(run: Run, tokenizer, inputs: CheckInputs, save_dtype: str, attn: str | None, packed: dict | None,
                reference: list[torch.Tensor] | None) -> tuple[Any, dict]:
     """Load the base in fp32 (with `packed`: the dequantized NF4 values in place of those Linear weights), apply the
     adapter, record its unmerged logits, merge_and_unload, cast to save_dtype; returns (model, diffs).
@@ -298,16 +320,14 @@ def merge_into(run: Run, tokenizer, inputs: CheckInputs, save_dtype: str, packed
     diffs: merge_only (merged vs this base + adapter), vs_trained (merged vs `reference`, or vs the unmerged model
     when reference is None: for LoRA they are the same thing), scale (largest |reference logit|).
     """
-    from peft import PeftModel
-
-    model = load_base(run.config, tokenizer, torch.float32)  # merge in fp32: cast once, after the sum
+    model = load_base(run.config, tokenizer, torch.float32, attn)  # merge in fp32: cast once, after the sum
     if packed is not None:
         import bitsandbytes.functional as bnbf
 
         with torch.no_grad():
             for name, (data, quant_state) in packed.items():  # [out, in] each, in the dtype it was quantized from
                 model.get_submodule(name).weight.copy_(bnbf.dequantize_4bit(data, quant_state))
-    model = PeftModel.from_pretrained(model, run.final)
+    model = load_adapter(model, run)
     unmerged = logits_of(model, inputs)
     model = model.merge_and_unload()
     model = model.to(DTYPES[save_dtype])
@@ -320,42 +340,44 @@ def merge_into(run: Run, tokenizer, inputs: CheckInputs, save_dtype: str, packed
     }
 
 
-def load_base(config: RunConfig, tokenizer, dtype: torch.dtype, quantization_config=None):
-    """The run's base, loaded as training did (same from_pretrained arguments), embeddings grown to the run's
-    tokenizer: with added tokens the adapter carries the resized embed_tokens/lm_head and needs matching shapes."""
+def load_base(config: RunConfig, tokenizer, dtype: torch.dtype, attn: str | None, quantization_config=None):
+    """The run's base, loaded as training did (same from_pretrained arguments, the attention kernel it ran),
+    embeddings grown to the run's tokenizer: with added tokens the adapter carries the resized embed_tokens/lm_head
+    and needs matching shapes."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"quantization_config": quantization_config} if quantization_config is not None else {}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            config.model.name_or_path, dtype=dtype, trust_remote_code=config.model.trust_remote_code,
-            revision=config.model.revision, use_safetensors=True, **kwargs,
-        )
-    except OSError as exc:
-        raise UserError(f"base model not found: {config.model.name_or_path}: {str(exc).splitlines()[0]}") from None
+    if attn is not None:
+        kwargs["attn_implementation"] = attn
+    name = config.model.name_or_path
+    with loading(f"base model {name}: cannot load"):
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, revision=config.model.revision,
+                                                     trust_remote_code=config.model.trust_remote_code,
+                                                     use_safetensors=True, **kwargs)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         # New rows' values do not matter: peft saved the resized embed_tokens/lm_head and loads them over these.
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     return model
 
 
-def quantized_reference(run: Run, tokenizer, inputs: CheckInputs) -> tuple[list[torch.Tensor], dict[str, tuple]]:
+def quantized_reference(run: Run, tokenizer, inputs: CheckInputs, load_dtype: torch.dtype,
+                        attn: str | None) -> tuple[list[torch.Tensor], dict[str, tuple]]:
     """The trained QLoRA model's logits (4-bit base + adapter) and its packed NF4 weights, {module: (data, state)}.
 
-    The base is quantized exactly as in training (backends.lora.quantization_config, same load dtype: NF4 codes and
-    scales depend on the values quantized), except the compute dtype is fp32: it only sets the dtype of the
-    matmuls, not the stored weights, and bf16 matmul noise would blur the comparison we want to make. The packed
+    The base is quantized exactly as in training (backends.lora.quantization_config, from `load_dtype`, the dtype
+    training loaded it in: NF4 codes and scales depend on the values quantized), except the compute dtype is fp32:
+    it only sets the dtype of the matmuls, not the stored weights, and bf16 matmul noise would blur the comparison
+    we want to make. The packed
     weights (~0.5 byte/param) are kept rather than dequantized copies (4 bytes/param): merge_into dequantizes them
     one layer at a time.
     """
     from bitsandbytes.nn import Linear4bit
-    from peft import PeftModel
 
     from tunekit.backends.lora import quantization_config
 
     qconfig = quantization_config(run.config)
     qconfig.bnb_4bit_compute_dtype = torch.float32
-    model = load_base(run.config, tokenizer, training_load_dtype(run.config), quantization_config=qconfig)
+    model = load_base(run.config, tokenizer, load_dtype, attn, quantization_config=qconfig)
     packed = {}
     for name, module in model.named_modules():
         if not isinstance(module, Linear4bit):
@@ -368,21 +390,18 @@ def quantized_reference(run: Run, tokenizer, inputs: CheckInputs) -> tuple[list[
             module.support_avx512bf16_for_cpu = False
     if not packed:
         raise UserError(f"{run.dir}: a qlora run, but loading its base 4-bit gave no Linear4bit layers")
-    model = PeftModel.from_pretrained(model, run.final)
+    model = load_adapter(model, run)
     reference = logits_of(model, inputs)
     del model
     return reference, packed
 
 
-def training_load_dtype(config: RunConfig) -> torch.dtype:
-    """The dtype training loaded the base in before quantizing it (common.weights_dtype, resolved on this machine:
-    a run trained on a bf16 GPU with model.dtype auto and merged on a CPU is quantized from fp32 here)."""
-    from tunekit.backends.common import weights_dtype
+def load_adapter(model, run: Run):
+    """final/'s adapter on `model` (peft); UserError (one line) when its files cannot be loaded."""
+    from peft import PeftModel
 
-    try:
-        return weights_dtype(config)
-    except UserError:  # precision fp16 asked for on a machine without CUDA: the base loaded in fp32 there too
-        return torch.float32
+    with loading(f"adapter in {run.final}: cannot load"):
+        return PeftModel.from_pretrained(model, run.final)
 
 
 # ---------------------------------------------------------------- the record

@@ -1,10 +1,11 @@
-"""Full, LoRA or QLoRA? The seeds' decision rules, made consistent, on estimate.py's byte and FLOP model.
+"""Full, LoRA or QLoRA? The seeds' decision rules, made consistent, on the estimate's byte and FLOP model.
 
 The seed's `recommend_fine_tuning_method` computed GPU counts and hours it never used, ignored `task_specific` and
 the budget, and let rule order decide silently. Here each rule either orders the methods (objective, variants) or
 excludes one with a stated reason (hardware, budget); the recommendation is the first method left.
-Memory, GPU counts, hours and cost come from `estimate.memory_bytes` / `min_gpus` / `training_flops` on a
-Llama-shaped model guessed from the parameter count, so `recommend` and `estimate` agree. No torch import here.
+Memory, GPU counts, hours and cost come from the estimate's byte model (estimate/memory.py: memory_bytes, min_gpus)
+and time model (estimate/cost.py: training_flops, training_hours) on a Llama-shaped model guessed from the parameter
+count, so `recommend` and `estimate` agree. No torch import here.
 """
 
 from __future__ import annotations
@@ -13,18 +14,14 @@ from typing import Any
 
 from tunekit.config import METHODS, LoraConfig
 from tunekit.errors import UserError
-from tunekit.estimate import (
-    BYTES_PER_PARAM_ADAPTER,
-    BYTES_PER_PARAM_BF16,
+from tunekit.estimate.cost import (
     DEFAULT_MFU,
     DEFAULT_USD_PER_GPU_HOUR,
-    GB,
     PEAK_TFLOPS_A100_BF16,
-    memory_bytes,
-    min_gpus,
     training_flops,
     training_hours,
 )
+from tunekit.estimate.memory import BYTES_PER_PARAM_ADAPTER, BYTES_PER_PARAM_BF16, GB, memory_bytes, min_gpus
 
 OBJECTIVES = ("instruction", "domain_knowledge", "task_specific")
 # Seed: "more than 10M high-quality training examples for a specific task: consider full fine-tuning; below 1M,

@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -149,14 +149,18 @@ class RankSpectrumCallback(TrainerCallback):
     """At each evaluation: the LoRA spectra of the model, summarized per layer type.
 
     `history` holds {"step", "summary"} per evaluation and `last_spectra` the full spectra of the latest one (for
-    the report's plot). Warns once per (layer type, verdict) when a type is collapsed or flat. At train end, rank 0
-    writes `<output_dir>/spectrum.json` with both. Every rank computes (ZeRO-3 gathers are collective).
+    the report's plot). The mean effective rank of each layer type is logged as `eval_lora_effective_rank_<type>`
+    through `log`, the Trainer's own `log` (handed over by train.build_trainer): the one way into both
+    `state.log_history` and the trackers. Warns once per (layer type, verdict) when a type is collapsed or flat. At
+    train end, rank 0 writes `<output_dir>/spectrum.json` with both. Every rank computes (ZeRO-3 gathers are
+    collective) and logs, as every rank runs `Trainer.log`.
     """
 
     def __init__(self, adapter: str = "default") -> None:
         self.adapter = adapter
         self.history: list[dict] = []
         self.last_spectra: dict[str, list[float]] = {}
+        self.log: Callable[[dict[str, float]], None] | None = None  # Trainer.log, set by train.build_trainer
         self._warned: set[tuple[str, str]] = set()
 
     def summary_fields(self) -> dict:
@@ -174,9 +178,14 @@ class RankSpectrumCallback(TrainerCallback):
         spectra = adapter_spectra(model, self.adapter)
         if not spectra:  # full fine-tuning: nothing to watch
             return
+        if self.log is None:
+            raise RuntimeError("RankSpectrumCallback.log is not set: give it the Trainer's log (train.build_trainer)")
         summary = summarize_spectra(spectra)
         self.last_spectra = spectra
         self.history.append({"step": state.global_step, "summary": summary})
+        if summary:  # empty while every adapter is still at its init
+            # In eval mode (see forgetting.ForgettingCallback): SFTTrainer.log adds nothing of its own to this entry.
+            self.log({f"eval_lora_effective_rank_{kind}": item["effective_rank"] for kind, item in summary.items()})
         if state.is_world_process_zero:
             self._report(state.global_step, summary)
 

@@ -14,9 +14,10 @@ from pathlib import Path
 from transformers import set_seed
 
 from tunekit import rundir
-from tunekit.backends import full, lora
-from tunekit.backends.common import count_params, full_weights, load_tokenizer, training_arguments
-from tunekit.callbacks import build_callbacks, peak_memory_bytes
+from tunekit.backends import deepspeed, full, lora
+from tunekit.backends.common import (count_params, full_weights, load_tokenizer, resolve_settings,
+                                     training_arguments)
+from tunekit.callbacks import TunekitTrainer, build_callbacks, peak_memory_bytes
 from tunekit.config import RunConfig
 from tunekit.data import prepare_data, read_rows
 from tunekit.errors import UserError
@@ -34,12 +35,12 @@ def train(config: RunConfig, overwrite: bool = False, resume: str | None = None,
     preflight = run_preflight(config, force)
     tokenizer = load_tokenizer(config)
     data = prepare_data(config, tokenizer)  # all data errors surface here, before anything is written
-    args = training_arguments(config, full.deepspeed_config(config))  # before the model: ZeRO-3 shards at load
+    args = training_arguments(config, deepspeed.deepspeed_config(config))  # before the model: ZeRO-3 shards at load
     set_seed(config.training.seed)  # LoRA init and new-token rows draw from the RNG (its start seed is random)
     model = BACKENDS[config.method](config, tokenizer)
     model.config.use_cache = False  # no KV cache in training; without one, packed rows get per-example attention
     if args.process_index == 0:
-        rundir.create(config, overwrite, resume)
+        rundir.create(config, resolve_settings(config, args, model), overwrite, resume)
     metric_before = task_metric(model, tokenizer, data, config)
     trainer = build_trainer(config, args, model, tokenizer, data, checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -93,16 +94,16 @@ def task_metric(model, tokenizer, data, config: RunConfig) -> float | None:
 
 
 def build_trainer(config: RunConfig, args, model, tokenizer, data, resume_from: str | None = None):
-    from trl import SFTTrainer
-
-    return SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        callbacks=build_callbacks(config, tokenizer, resume_from) + insight_callbacks(config, model, tokenizer),
-    )
+    """TRL's SFTTrainer (peak memory in every log entry) with tunekit's callbacks after the trackers."""
+    callbacks = build_callbacks(config, tokenizer, resume_from) + insight_callbacks(config, model, tokenizer)
+    trainer = TunekitTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                             processing_class=tokenizer, callbacks=callbacks)
+    # Callbacks that measure at an evaluation (forgetting, rank spectrum) have a `log` slot: their values go through
+    # Trainer.log, the one way into both log_history and the trackers (see callbacks.TunekitTrainer).
+    for callback in callbacks:
+        if hasattr(callback, "log"):
+            callback.log = trainer.log
+    return trainer
 
 
 def insight_callbacks(config: RunConfig, model, tokenizer) -> list:
@@ -126,7 +127,7 @@ def insight_callbacks(config: RunConfig, model, tokenizer) -> list:
 
 def resume_checkpoint(config: RunConfig, resume: str | None) -> str | None:
     """None (fresh run), the newest complete checkpoint in output_dir ('latest'), or the path given (checked)."""
-    from tunekit.callbacks import resume_target
+    from tunekit.checkpoints import resume_target
 
     target = resume_target(config.output_dir, resume)
     return str(target) if target is not None else None
@@ -177,7 +178,7 @@ def summarize(config: RunConfig, trainer, data, preflight, metric_before, metric
         "final_dir": str(final_dir),
         "data": data.stats,
     }
-    summary.update(full.summary_fields(config, trainer))
+    summary.update(deepspeed.summary_fields(config, trainer))
     summary.update(lora.summary_fields(config, trainer))
     for callback in trainer.callback_handler.callbacks:
         summary.update(getattr(callback, "summary_fields", dict)())

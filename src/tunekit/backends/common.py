@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from tunekit.config import RunConfig
-from tunekit.errors import UserError
+from tunekit.errors import UserError, first_line
 
 
 def on_gpu() -> bool:
@@ -50,8 +50,9 @@ def load_tokenizer(config: RunConfig):
         tokenizer = AutoTokenizer.from_pretrained(
             config.model.name_or_path, trust_remote_code=config.model.trust_remote_code, revision=config.model.revision
         )
-    except (OSError, ValueError) as exc:
-        raise UserError(f"model.name_or_path: cannot load a tokenizer from {config.model.name_or_path}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever the library raises on a user's files is one line for the user
+        raise UserError(f"model.name_or_path: cannot load a tokenizer from {config.model.name_or_path}: "
+                        f"{first_line(exc)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -79,8 +80,9 @@ def from_pretrained(config: RunConfig, **extra: Any):
 
     try:
         return AutoModelForCausalLM.from_pretrained(config.model.name_or_path, **load_kwargs(config), **extra)
-    except OSError as exc:
-        raise UserError(f"model.name_or_path: cannot load {config.model.name_or_path}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - unknown model_type, corrupt safetensors, bad config.json, no weights...
+        raise UserError(f"model.name_or_path: cannot load {config.model.name_or_path}: {first_line(exc)}") from None
+
 
 
 def resize_for_new_tokens(model, tokenizer, new_tokens: list[str]) -> list[int]:
@@ -161,7 +163,7 @@ def training_arguments(config: RunConfig, deepspeed_config: dict | None = None):
         eval_steps=c.save_steps,
         save_strategy="steps",
         save_steps=c.save_steps,
-        save_total_limit=None,  # retention is ours (callbacks.CheckpointRetention): top-k by metric + last n
+        save_total_limit=None,  # retention is ours (callbacks.ConservativeCheckpointCallback): top-k by metric + last n
         report_to=[r for r in config.logging.report_to if r != "none"] or "none",
         run_name=config.logging.run_name or os.path.basename(os.path.normpath(config.output_dir)),
         include_num_input_tokens_seen="non_padding",
@@ -183,16 +185,35 @@ def training_arguments(config: RunConfig, deepspeed_config: dict | None = None):
     )
 
 
+def resolve_settings(config: RunConfig, args, model):
+    """The `rundir.Resolved` record of this run: what "auto" became here, read from the objects that run it.
+
+    args: the built SFTConfig (its world size and DeepSpeed config); model: the loaded (peft) model.
+    """
+    from tunekit.rundir import Resolved, library_versions
+
+    ds = getattr(args, "hf_deepspeed_config", None)  # set by the Trainer's arguments when DeepSpeed runs
+    stage = int(ds.config["zero_optimization"]["stage"]) if ds is not None else None
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if on_gpu() else "cpu"
+    return Resolved(
+        precision=precision(config),
+        load_dtype=str(weights_dtype(config)).removeprefix("torch."),
+        zero_stage=stage,
+        world_size=args.world_size,
+        attn_implementation=getattr(model.config, "_attn_implementation", None),
+        device=device,
+        versions=library_versions(),
+    )
+
+
 def count_params(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; ZeRO-3 partitioned params report their full size via ds_numel."""
-    trainable = total = 0
-    for param in model.parameters():
-        numel = getattr(param, "ds_numel", param.numel())
-        if param.__class__.__name__ == "Params4bit":
-            numel *= 2  # two 4-bit values per stored uint8
-        total += numel
-        trainable += numel if param.requires_grad else 0
-    return trainable, total
+    """(trainable, total) parameter counts. A peft model counts itself (its count knows ZeRO-3's size-0 shards and
+    bitsandbytes' two 4-bit values per stored byte); a full model has neither 4-bit weights nor adapters, only the
+    ZeRO-3 shards, whose full size is ds_numel."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, trains in sizes if trains), sum(n for n, _ in sizes)
 
 
 @contextmanager

@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 
 from tunekit.backends.common import from_pretrained, resize_for_new_tokens
-from tunekit.config import RunConfig
+from tunekit.config import LoraRunConfig, QloraRunConfig, RunConfig
 from tunekit.errors import UserError
 
 
-def build_model(config: RunConfig, tokenizer):
+def build_model(config: LoraRunConfig, tokenizer):
     """The peft model ready for training: base loaded (quantized for qlora), embeddings resized, adapters attached."""
     from peft import LoraConfig, get_peft_model
 
@@ -68,23 +68,17 @@ def trainable_tokens(model, token_ids: list[int]) -> dict[str, list[int]] | None
     return {names[layer]: list(token_ids) for layer in layers}
 
 
-def check_zero3_new_tokens(config: RunConfig) -> None:
+def check_zero3_new_tokens(config: LoraRunConfig) -> None:
     """Refuse (UserError) training new token rows under ZeRO-3: peft's trainable tokens read the embedding weight
     directly, which ZeRO-3 leaves as a size-0 shard outside its hooks (and peft gathers it on CUDA only)."""
-    zero3 = config.deepspeed is not None and _zero_stage(config) == 3
+    zero3 = config.deepspeed is not None and config.deepspeed.zero_stage() == 3
     if zero3 and config.model.add_tokens and config.lora.train_new_token_embeddings:
         raise UserError("model.add_tokens: new token rows cannot be trained under deepspeed stage 3 with LoRA; use "
                         "deepspeed stage 2 (adapters are small, sharding them gains little) or set "
                         "lora.train_new_token_embeddings: false")
 
 
-def _zero_stage(config: RunConfig) -> int:
-    from tunekit.backends.full import deepspeed_config
-
-    return int(deepspeed_config(config)["zero_optimization"]["stage"])
-
-
-def quantization_config(config: RunConfig):
+def quantization_config(config: QloraRunConfig):
     """NF4 (or FP4) 4-bit base with double quantization; raises UserError when bitsandbytes cannot load."""
     try:
         import bitsandbytes  # noqa: F401

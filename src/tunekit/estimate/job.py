@@ -1,0 +1,197 @@
+"""The estimate of one run config: its settings mapped onto the shape (shapes.py), the byte model (memory.py) and
+time/cost (cost.py), for the configured method and, at the same batch, for the other two."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tunekit.config import (
+    CONFIG_CLASSES,
+    DeepSpeedConfig,
+    LoraConfig,
+    LoraRunConfig,
+    QloraConfig,
+    QloraRunConfig,
+    RunConfig,
+)
+from tunekit.errors import UserError
+from tunekit.estimate.cost import (
+    DEFAULT_MFU,
+    PEAK_TFLOPS_A100_BF16,
+    QLORA_THROUGHPUT_FACTOR,
+    training_flops,
+    training_hours,
+    training_tokens,
+)
+from tunekit.estimate.memory import (
+    ADAM_BYTES_PER_PARAM,
+    ALLOCATOR_FRAGMENTATION,
+    CPU_RUNTIME_BYTES,
+    CUDA_CONTEXT_BYTES,
+    DTYPE_BYTES,
+    GB,
+    PRECISION_BYTES,
+    memory_bytes,
+    min_gpus,
+)
+from tunekit.estimate.shapes import count_params
+
+
+def lora_settings(config: RunConfig) -> LoraConfig:
+    """The run's LoRA section, or the defaults for a full run (whose LoRA/QLoRA alternatives the estimate shows)."""
+    return config.lora if isinstance(config, LoraRunConfig) else LoraConfig()
+
+
+def config_shape(config: RunConfig, method: str | None = None) -> dict[str, Any]:
+    """count_params for the run's model as `method` (default the run's own), with its LoRA settings and new tokens."""
+    return count_params(config.model.name_or_path, lora_settings(config), method or config.method,
+                        len(config.model.add_tokens), config.model.revision)
+
+
+def _settings(config: RunConfig, method: str, device: str) -> dict[str, Any]:
+    """memory_bytes keyword arguments for `config` run as `method` (alternatives keep batch, length, optimizer)."""
+    t = config.training
+    if t.precision != "auto":
+        precision = t.precision
+    else:
+        precision = "bf16" if device == "cuda" else "fp32"  # auto: bf16 on a GPU, fp32 on CPU
+    model_dtype = config.model.dtype
+    base_dtype_bytes = DTYPE_BYTES[model_dtype] if model_dtype != "auto" else PRECISION_BYTES[precision]
+    # The DeepSpeed section this run would have as `method`: a full run always has one (ZeRO-3 unless it says
+    # otherwise), so a LoRA config's full alternative gets the default section.
+    ds = config.deepspeed or (DeepSpeedConfig() if method == "full" else None)
+    stage, offload_optimizer, offload_param = _zero_settings(ds)
+    stage = min(stage, CONFIG_CLASSES[method].MAX_ZERO_STAGE)  # qlora: 4-bit weights cannot be ZeRO-3 sharded
+    qlora = config.qlora if isinstance(config, QloraRunConfig) else QloraConfig()
+    return {
+        "method": method, "device": device, "precision": precision, "base_dtype_bytes": base_dtype_bytes,
+        "optim": t.optim, "zero_stage": stage, "offload_optimizer": offload_optimizer, "offload_param": offload_param,
+        "micro_batch": t.per_device_train_batch_size, "seq_len": config.data.max_seq_len,
+        "gradient_checkpointing": t.gradient_checkpointing, "lora_dropout": lora_settings(config).dropout,
+        "double_quant": qlora.double_quant, "attn_implementation": config.model.attn_implementation,
+    }
+
+
+def _zero_settings(ds: DeepSpeedConfig | None) -> tuple[int, bool, bool]:
+    """ZeRO stage and offload flags: from a user's DeepSpeed config when given, else from the deepspeed section."""
+    if ds is None:
+        return 0, False, False
+    user = ds.user_config()
+    if user is None:
+        return ds.stage, ds.offload_optimizer, ds.offload_param
+    zero = user["zero_optimization"]  # present: the config's validation checked it
+
+    def offloaded(key: str) -> bool:
+        return (zero.get(key) or {}).get("device", "none") != "none"
+
+    return ds.zero_stage(), offloaded("offload_optimizer"), offloaded("offload_param")
+
+
+def estimate(config: RunConfig, gpus: int | None = None, gpu_memory_gb: float | None = None,
+             tokens_per_second: float | None = None, *, device: str = "cuda", examples: int | None = None,
+             avg_tokens_per_example: float | None = None, peak_tflops: float = PEAK_TFLOPS_A100_BF16,
+             mfu: float = DEFAULT_MFU) -> dict[str, Any]:
+    """Memory, time and cost of `config` on `gpus` GPUs of `gpu_memory_gb` each (device "cuda"; "cpu": processes
+    sharing host RAM). The only I/O: the model's config (see shapes.py) and, when `examples` is None, the local data
+    files.
+
+    Returns a JSON-serializable dict: model, model_type, shape_source, method, params, trainable_params, bytes (summed
+    over the job's GPUs), per_device, per_device_total, gpus, gpu_memory_bytes, fits, cpu_offload_bytes, tokens,
+    flops, train_hours (wall), gpu_hours, cost_usd (None when tokens are unknown), alternatives (the same run as each
+    method), assumptions. Time: `tokens_per_second` (the whole job's) when given, else FLOPs at `mfu` of
+    `peak_tflops` per GPU. Raises UserError when the model's config cannot be read.
+    """
+    gpus = gpus or config.preflight.gpus or 1
+    memory_gb = gpu_memory_gb or config.preflight.gpu_memory_gb or 80.0
+    memory = memory_gb * GB
+    shape = config_shape(config)
+    shapes = {config.method: shape}
+    for method in {"full", "lora", "qlora"} - {config.method}:
+        try:
+            shapes[method] = config_shape(config, method)
+        except UserError:  # a full run gets LoRA's default target names, which this architecture may not have
+            pass
+    settings = _settings(config, config.method, device)
+    mem = memory_bytes(shape, gpus=gpus, **settings)
+
+    tokens, tokens_how = training_tokens(config, gpus, examples, avg_tokens_per_example)
+    seq_for_attention = avg_tokens_per_example or config.data.max_seq_len
+    flops = hours = gpu_hours = cost = None
+    if tokens is not None:
+        flops = training_flops(shape, method=config.method, tokens=tokens, seq_len=int(seq_for_attention),
+                               gradient_checkpointing=settings["gradient_checkpointing"])
+        if tokens_per_second:
+            hours = tokens / tokens_per_second / 3600
+        else:
+            hours = training_hours(flops, method=config.method, gpus=gpus, peak_tflops=peak_tflops, mfu=mfu)
+        gpu_hours = hours * gpus
+        cost = gpu_hours * config.preflight.usd_per_gpu_hour
+
+    alternatives = {}
+    for method in (m for m in ("full", "lora", "qlora") if m in shapes):
+        alt_settings = _settings(config, method, device)
+        alt = memory_bytes(shapes[method], gpus=gpus, **alt_settings)
+        needed_gpus = None  # on CPU more processes share the same RAM: adding them never helps
+        if device == "cuda":
+            needed_gpus = min_gpus(shapes[method], memory, **alt_settings)
+            if needed_gpus is None and method == "lora" and alt_settings["zero_stage"] < 3:
+                # Replicas cannot fit a base that one GPU cannot hold; ZeRO-3 can shard it.
+                alt_settings["zero_stage"] = 3
+                needed_gpus = min_gpus(shapes[method], memory, **alt_settings)
+        alternatives[method] = {
+            "per_device_total": alt["per_device"]["total"],
+            "needed_bytes": _needed(alt, device),
+            "fits": _needed(alt, device) <= memory,
+            "gpus_needed": needed_gpus,
+            "zero_stage": alt_settings["zero_stage"],
+        }
+
+    return {
+        "model": config.model.name_or_path,
+        "model_type": shape["model_type"],
+        "shape_source": shape["source"],
+        "method": config.method,
+        "device": device,
+        "params": shape["params"],
+        "trainable_params": shape["trainable_params"],
+        "bytes": mem["job"],
+        "per_device": mem["per_device"],
+        "per_device_total": mem["per_device"]["total"],
+        "cpu_offload_bytes": mem["cpu_offload"],
+        "gpus": gpus,
+        "gpu_memory_bytes": memory,
+        "needed_bytes": _needed(mem, device),
+        "fits": _needed(mem, device) <= memory,
+        "tokens": tokens,
+        "flops": flops,
+        "train_hours": hours,
+        "gpu_hours": gpu_hours,
+        "cost_usd": cost,
+        "alternatives": alternatives,
+        "assumptions": {
+            "gb": "1e9 bytes",
+            "precision": settings["precision"],
+            "base_weights_bytes_per_param": settings["base_dtype_bytes"] if config.method == "lora" else None,
+            "optimizer": f"{settings['optim']}: {ADAM_BYTES_PER_PARAM[settings['optim']]} B/param for Adam m+v",
+            "master_weights": config.method == "full" and settings["precision"] != "fp32",
+            "zero_stage": settings["zero_stage"],
+            "micro_batch": settings["micro_batch"],
+            "seq_len": settings["seq_len"],
+            "gradient_checkpointing": settings["gradient_checkpointing"],
+            "overhead": f"{(CUDA_CONTEXT_BYTES if device == 'cuda' else CPU_RUNTIME_BYTES) / GB:.1f} GB runtime per "
+                        f"process + {ALLOCATOR_FRAGMENTATION:.0%} fragmentation"
+                        + (" + ZeRO-3 gathered module" if settings["zero_stage"] >= 3 and gpus > 1 else ""),
+            "tokens": tokens_how,
+            "flops_per_token": "6N full, 4N + 6N_trainable LoRA/QLoRA (+2N with checkpointing) + attention",
+            "throughput": (f"{tokens_per_second:g} tokens/s (given)" if tokens_per_second else
+                           f"{mfu:.0%} MFU of {peak_tflops:g} TFLOP/s per GPU (A100 bf16 dense)"
+                           + (f", x{QLORA_THROUGHPUT_FACTOR} for 4-bit dequantization"
+                              if config.method == "qlora" else "")),
+            "usd_per_gpu_hour": config.preflight.usd_per_gpu_hour,
+        },
+    }
+
+
+def _needed(mem: dict, device: str) -> float:
+    """What must fit `gpu_memory_bytes`: one GPU's share; on CPU all processes share host RAM, so the job's total."""
+    return mem["job"]["total"] if device == "cpu" else mem["per_device"]["total"]
