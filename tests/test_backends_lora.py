@@ -81,10 +81,13 @@ def save_final_then_gather(trainer, tokenizer, config):
     final_dir = save_final(trainer, tokenizer, config)
     named = [(name, p) for name, p in trainer.model.named_parameters() if p.requires_grad]
     local = sum(p.ds_tensor.numel() for _, p in named)
+    # The kwargs activation checkpointing really runs with, per checkpointed layer.
+    checkpointing = [m._gradient_checkpointing_func.keywords for m in trainer.model.modules()
+                     if getattr(m, "gradient_checkpointing", False)]
     with deepspeed.zero.GatheredParameters([p for _, p in named]):
         if trainer.is_world_process_zero():
             torch.save({"weights": {name: p.detach().clone() for name, p in named}, "local": local,
-                        "full": sum(p.ds_numel for _, p in named)}, out)
+                        "full": sum(p.ds_numel for _, p in named), "checkpointing": checkpointing}, out)
     return final_dir
 
 tunekit.train.save_final = save_final_then_gather
@@ -98,13 +101,16 @@ def test_lora_zero3_two_processes_saves_the_real_adapter(tmp_path, tiny_base, de
     probe.write_text(PROBE)
     launch(tmp_path, [str(probe), str(gathered_path), "train", "configs/tiny-lora.yaml",
                       *fixture_overrides(tmp_path, tiny_base, demo_data, steps=12),
-                      "--set", "deepspeed.stage=3", "--set", "eval.task_metric=none", "--set", "eval.general="])
+                      "--set", "deepspeed.stage=3", "--set", "eval.task_metric=none", "--set", "eval.general=",
+                      "--set", "training.gradient_checkpointing=true"])
     run = tmp_path / "run"
     summary = read_summary(run)
     assert summary["zero_stage"] == 3 and summary["world_size"] == 2
     assert summary["train_loss_last"] < summary["train_loss_first"]
 
     gathered = torch.load(gathered_path)
+    # Non-reentrant checkpointing trained under ZeRO-3 with frozen base weights (TRL would switch it to reentrant).
+    assert gathered["checkpointing"] and all(kw == {"use_reentrant": False} for kw in gathered["checkpointing"])
     assert gathered["local"] < 0.6 * gathered["full"]  # the adapters themselves were sharded over the 2 ranks
     # peft names the saved tensors without the adapter name ("default").
     expected = {name.replace(".default", ""): value for name, value in gathered["weights"].items()}

@@ -224,9 +224,15 @@ def test_activations_grow_with_tokens_and_logits_with_vocab():
     _, short = mem("llama-3-8b", "lora", micro_batch=1, seq_len=512, gradient_checkpointing=False)
     _, long = mem("llama-3-8b", "lora", micro_batch=2, seq_len=512, gradient_checkpointing=False)
     assert long["job"]["activations"] == pytest.approx(2 * short["job"]["activations"])
-    # Mistral-7B has Llama-3-8B's layer shapes and a 32K instead of 128K vocabulary: the difference is the logits,
-    # bf16 logits + the loss's fp32 copy + fp32 log-softmax = 10 bytes per vocabulary entry and token.
+    # Mistral-7B has Llama-3-8B's layer shapes and a 32K instead of 128K vocabulary. TRL's fused LM head holds one
+    # [tokens, 32768] bf16 tile, never the logits: the vocabularies differ only by that tile's width (32768 vs 32000).
     _, mistral = mem("mistral-7b", "lora", micro_batch=1, seq_len=512, gradient_checkpointing=False)
+    assert short["job"]["activations"] - mistral["job"]["activations"] == pytest.approx(512 * (32_768 - 32_000) * 2)
+    # Full logits (a loss without the fused head): bf16 logits + the loss's fp32 copy + fp32 log-softmax = 10 bytes
+    # per vocabulary entry and token.
+    _, short = mem("llama-3-8b", "lora", micro_batch=1, seq_len=512, gradient_checkpointing=False, fused_lm_head=False)
+    _, mistral = mem("mistral-7b", "lora", micro_batch=1, seq_len=512, gradient_checkpointing=False,
+                     fused_lm_head=False)
     assert short["job"]["activations"] - mistral["job"]["activations"] == pytest.approx(512 * (128_256 - 32_000) * 10)
 
 
@@ -529,3 +535,114 @@ def test_users_deepspeed_config_gives_stage_and_offload(tmp_path):
         assert result["assumptions"]["zero_stage"] == 2
         assert result["per_device"]["optimizer"] == 0 and result["cpu_offload_bytes"] > 0
         assert result["per_device"] == generated["per_device"]
+
+
+# ---------------------------------------------------------------- the loss head, adapters, the machine (issue 17)
+
+
+def test_the_fused_head_constants_are_trls():
+    # The estimate counts TRL's chunked loss by these tile sizes: an upgrade that changes them must fail here.
+    from trl.kernels import chunked_logprob
+    from trl.trainer import utils as trl_utils
+
+    assert est.FUSED_HEAD_TOKEN_CHUNK == chunked_logprob.TOKEN_CHUNK_SIZE
+    assert est.FUSED_HEAD_VOCAB_CHUNK == trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+
+
+def test_fused_head_counts_one_logits_tile_not_the_logits():
+    shape = est.count_params("tunekit:llama-3-8b", LoraConfig(), "lora")
+
+    def head(vocab: int, tokens: int = 8192, **kwargs) -> float:
+        return est.lm_head_bytes({**shape, "vocab_size": vocab}, tokens=tokens, act_bytes=2, base_trains=False,
+                                 **kwargs)
+
+    # The logits term of the fused path IS the chunk term: beyond 32768 entries the vocabulary costs nothing more,
+    # below it the one [4096, vocab] bf16 tile shrinks with it; the [tokens, vocab] logits never appear.
+    assert head(128_256) == head(32_768) == head(200_000)
+    assert head(32_768) - head(16_384) == 4096 * (32_768 - 16_384) * 2
+    assert head(32_768, tokens=1000) - head(16_384, tokens=1000) == 1000 * (32_768 - 16_384) * 2  # fewer tokens
+    # Without Triton (CPU) the torch fold's fp32 temporaries come per tile element too.
+    assert head(32_768, triton=False) - head(32_768) == 4096 * 32_768 * est.memory.FUSED_HEAD_TORCH_FOLD_BYTES
+    # A loss on full logits: 10 B per token and vocabulary entry (bf16 logits, fp32 copy, fp32 log-softmax).
+    assert head(128_256, fused=False) - head(32_000, fused=False) == 8192 * (128_256 - 32_000) * 10
+    # What the old estimate charged the QLoRA example (4 x 2048 tokens, 128K vocabulary) and no longer does.
+    assert head(128_256, fused=False) - head(128_256) > 10e9
+
+
+def test_adapter_bytes_follow_what_trl_peft_and_deepspeed_do():
+    lora = est.adapter_bytes("lora", compute_bytes=2, deepspeed=False, optim="adamw_torch")
+    assert lora == {"weights": 4, "gradients": 4, "optimizer": 8}  # peft's fp32 adapters, no master copy
+    qlora = est.adapter_bytes("qlora", compute_bytes=2, deepspeed=False, optim="adamw_torch")
+    assert qlora == {"weights": 2, "gradients": 2, "optimizer": 4}  # TRL's bf16 cast; torch Adam states in bf16
+    assert est.adapter_bytes("qlora", compute_bytes=4, deepspeed=False, optim="paged_adamw_8bit")["weights"] == 2
+    assert est.adapter_bytes("qlora", compute_bytes=2, deepspeed=False, optim="paged_adamw_32bit")["optimizer"] == 8
+    for method in ("lora", "qlora"):  # DeepSpeed bf16: compute-dtype weights, fp32 master + gradients + states
+        assert est.adapter_bytes(method, compute_bytes=2, deepspeed=True, optim="adamw_torch") == {
+            "weights": 2, "gradients": 4, "optimizer": 12}
+
+
+def test_qlora_adapters_are_bf16_under_the_trainer_as_counted(tiny_base, demo_data, tmp_path):
+    """tunekit builds the PeftModel itself, yet TRL's SFTTrainer still casts a 4-bit model's trainable parameters to
+    bf16 (is_loaded_in_4bit reaches the base through peft): the estimate's 2 B per adapter weight is what runs."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from tunekit.backends import lora
+    from tunekit.backends.common import training_arguments
+    from tunekit.callbacks import TunekitTrainer
+
+    config = config_mod.load(REPO / "configs/tiny-qlora.yaml", [
+        f"model.name_or_path={tiny_base}", f"data.sources.0.path={demo_data['train']}",
+        f"data.eval_path={demo_data['eval']}", f"output_dir={tmp_path / 'run'}", "logging.report_to=[none]"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    rows = Dataset.from_dict({"input_ids": [[1, 2, 3, 4]] * 2, "labels": [[-100, 2, 3, 4]] * 2})
+    trainer = TunekitTrainer(model=lora.build_model(config, tokenizer), args=training_arguments(config),
+                             train_dataset=rows, eval_dataset=rows, processing_class=tokenizer)
+    sizes = {p.element_size() for p in trainer.model.parameters() if p.requires_grad}
+    counted = est.adapter_bytes("qlora", compute_bytes=4, deepspeed=False, optim=config.training.optim)  # CPU: fp32
+    assert sizes == {counted["weights"]} == {2}
+
+
+def test_train_preflight_uses_the_real_gpu_and_world_size_not_the_configs_plan(monkeypatch):
+    import torch
+
+    class Props:
+        total_memory = 80 * GB
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: seen.append(index) or Props())
+    monkeypatch.setenv("WORLD_SIZE", "16")  # 4 nodes x 4 GPUs
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert est.probe_hardware("cuda") == est.Machine("cuda", 16, 80.0) and seen == [3]
+    monkeypatch.delenv("WORLD_SIZE")  # a plain `tunekit train`: one process, one GPU
+    monkeypatch.delenv("LOCAL_RANK")
+    assert est.probe_hardware("cuda") == est.Machine("cuda", 1, 80.0)
+    # The config's planning values change nothing: 64 GPUs of 1000 GB would make a 70B full run fit.
+    config = run_config("full", model="tunekit:llama-3-70b")
+    config.preflight.gpus, config.preflight.gpu_memory_gb = 64, 1000
+    with pytest.raises(UserError, match=r"per GPU \(1 GPU\(s\) of 80"):
+        est.preflight_check(config)
+    assert est.machine(cuda_available=False, device_memory_gb=None, world_size="2", host_memory_gb=64) == \
+        est.Machine("cpu", 2, 64)
+
+
+def example(method: str):
+    return config_mod.load(REPO / f"configs/examples/llama3-8b-{method}.yaml")
+
+
+@pytest.mark.parametrize("method, gpus, fits", [
+    ("lora", 1, True), ("qlora", 1, True),
+    # Full fine-tuning of 8B cannot fit one 80 GB GPU by any honest count: 16 GB bf16 weights + 32 GB fp32
+    # gradients + 96 GB fp32 master and Adam states. The example says 8 GPUs (its header and launch line).
+    ("full", 1, False), ("full", 8, True),
+])
+def test_example_configs_on_80gb_gpus(method, gpus, fits):
+    config = example(method)
+    result = est.preflight_check(config, machine=est.Machine("cuda", gpus, 80.0), force=True)
+    assert result["fits"] is fits, est.format_estimate(result)
+    if method == "qlora":  # pinned to 24 GB for planning: `train` on an 80 GB GPU must not read that
+        assert config.preflight.gpu_memory_gb == 24 and result["gpu_memory_bytes"] == 80 * GB
+    if method == "full":
+        assert config.preflight.gpus == 8  # the example states its GPU count

@@ -71,6 +71,69 @@ def test_general_loss_truncates_to_max_seq_len_and_rejects_empty_input():
         general_loss(model, tokenizer, [], max_seq_len=8, batch_size=2)
 
 
+def full_logits_loss(model, tokenizer, texts, max_seq_len: int, batch_size: int) -> float:
+    """general_loss as it was before chunking: the model's own forward, whole [B, T, V] logits, one fp32 copy."""
+    from tunekit.forgetting import IGNORE_INDEX, _encode
+
+    encoded = [_encode(tokenizer, text, max_seq_len) for text in texts]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            batch = encoded[start:start + batch_size]
+            width = max(len(ids) for ids in batch)
+            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+            labels = torch.full((len(batch), width), IGNORE_INDEX)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, ids in enumerate(batch):
+                input_ids[row, :len(ids)] = labels[row, :len(ids)] = torch.tensor(ids)
+                mask[row, :len(ids)] = 1
+            logits = model.eval()(input_ids=input_ids, attention_mask=mask).logits
+            targets = labels[:, 1:].reshape(-1)
+            shifted = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            total += F.cross_entropy(shifted, targets, reduction="sum").item()
+            count += int((targets != IGNORE_INDEX).sum())
+    return total / count
+
+
+def largest_head_output(model, run) -> int:
+    """Elements of the largest tensor lm_head returned while `run()` ran (every logits tensor passes through it)."""
+    sizes = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda _m, _i, out: sizes.append(out.numel()))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return max(sizes)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64, 4096])
+def test_chunked_general_loss_equals_the_full_logits_loss_and_bounds_the_logits(chunk):
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    texts = TEXTS * 3  # 6 texts, 2 batches of 4 and 2 rows, 8-24 predicted tokens each
+    expected = full_logits_loss(model, tokenizer, texts, 64, 4)
+    losses = []
+    largest = largest_head_output(model, lambda: losses.append(general_loss(model, tokenizer, texts, 64, 4, chunk)))
+    assert losses[0] == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    # Memory seam: no logits tensor holds more than chunk rows of the vocabulary (full logits: 4 x 20 x 100).
+    assert largest <= chunk * model.config.vocab_size
+
+
+def test_chunked_general_loss_runs_the_adapter_and_the_models_logit_transform():
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    lora = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    assert general_loss(lora, tokenizer, TEXTS, 64, 2, 3) == pytest.approx(
+        full_logits_loss(lora, tokenizer, TEXTS, 64, 2), rel=1e-6)
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM(Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=100,
+                                           final_logit_softcapping=0.5))  # a small cap: the transform shows
+    assert general_loss(gemma, tokenizer, TEXTS, 64, 2, 3) == pytest.approx(
+        full_logits_loss(gemma, tokenizer, TEXTS, 64, 2), rel=1e-6)
+
+
 def test_forgetting_flag_above_and_below_threshold():
     flagged = forgetting_flag(2.0, [(10, 2.1), (20, 2.5)], threshold=0.10)
     assert flagged["flagged"] and flagged["relative_rise"] == pytest.approx(0.25)

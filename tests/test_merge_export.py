@@ -344,9 +344,9 @@ def test_qlora_merge_requantizes_from_the_load_dtype_training_recorded(qlora_run
     loads = []
     load_base = tunekit.merge.load_base
 
-    def spy(config, tokenizer, dtype, attn, quantization_config=None):
+    def spy(config, tokenizer, dtype, attn, quantization_config=None, device="cpu"):
         loads.append((dtype, attn, quantization_config is not None))
-        return load_base(config, tokenizer, dtype, attn, quantization_config)
+        return load_base(config, tokenizer, dtype, attn, quantization_config, device)
 
     monkeypatch.setattr(tunekit.merge, "load_base", spy)
     check = merge(run, tmp_path / "merged")
@@ -545,3 +545,41 @@ def test_a_full_run_whose_final_model_does_not_load_is_one_error_line(tiny_base,
     out = tmp_path / "out"
     assert_refused(capsys, out, ["export", str(run), "--out", str(out)], *words, only_line=False)
 
+
+
+# ---------------------------------------------------------------- where the merge check runs (issue 17)
+
+
+def resolved(load_dtype: str = "bfloat16"):
+    from tunekit import rundir
+
+    return rundir.Resolved(precision="bf16", load_dtype=load_dtype, zero_stage=None, world_size=1,
+                           attn_implementation="sdpa", device="cuda (NVIDIA A100-SXM4-80GB)", versions={})
+
+
+@pytest.mark.parametrize("cuda, method, save, device, compute", [
+    # A GPU machine: the 4-bit reference lands on the GPU (bitsandbytes), so the merge runs there too, in the save
+    # dtype's precision (fp32 for an fp32 save: its 1e-4 tolerance cannot absorb bf16 rounding on either side).
+    (True, "qlora", "fp32", "cuda", torch.float32),
+    (True, "qlora", "bf16", "cuda", torch.bfloat16),
+    (True, "qlora", "fp16", "cuda", torch.float16),
+    (False, "qlora", "bf16", "cpu", torch.float32),  # CPU: fp32 arithmetic, as before
+    (True, "lora", "fp32", "cpu", torch.float32),  # LoRA: its reference is the unmerged model in the same merge
+    (True, "lora", "bf16", "cpu", torch.float32),
+])
+def test_merge_plan_runs_the_reference_and_the_merge_on_one_device_in_one_dtype(cuda, method, save, device, compute):
+    from tunekit.merge import MergePlan, merge_plan
+
+    assert merge_plan(cuda, resolved(), save, method) == MergePlan(device, torch.bfloat16, compute)
+    assert merge_plan(cuda, resolved("float32"), save, method).load_dtype == torch.float32  # training's record
+
+
+def test_qlora_trained_in_bf16_merges_to_fp32_within_the_fp32_tolerance(qlora_run, tmp_path):
+    """A run quantized from bf16 (as on a GPU), merged with --dtype fp32: the reference used to compute through its
+    bf16 embeddings/norms/lm_head (hidden states rounded to bf16 at every 4-bit layer) while the merge ran in fp32,
+    and the check failed its own 1e-4 tolerance. Both now compute in fp32 from training's bf16 values."""
+    run = copy_run(qlora_run, tmp_path)
+    write_resolved(run, precision="bf16", load_dtype="bfloat16")
+    check = merge(run, tmp_path / "merged", "--dtype", "fp32")
+    assert check["passed"] and check["dtype"] == "fp32" and check["quantized_from"] == "bfloat16"
+    assert check["merged_with"]["device"] == "cpu" and check["merged_with"]["compute_dtype"] == "float32"

@@ -193,3 +193,65 @@ def test_chat_prompts_that_start_with_bos_get_no_second_one(tiny_base):
     assert chat.startswith(tiny.BOS)
     assert generate_completions(model, tok, [chat], max_new_tokens=6) == \
         generate_completions(model, tok, [chat[len(tiny.BOS):]], max_new_tokens=6)
+
+
+@pytest.mark.parametrize("n, world", [(7, 2), (8, 2), (1, 3), (5, 8), (0, 2), (10, 1)])
+def test_shard_gives_every_rank_the_same_count_and_unshard_restores_the_order(n, world):
+    from tunekit.evaluate import shard, unshard
+
+    items = [f"prompt {i}" for i in range(n)]
+    shards = [shard(items, rank, world) for rank in range(world)]
+    assert len({len(s) for s in shards}) == 1  # ZeRO-3: every rank runs as many generate calls and decode steps
+    assert len(shards[0]) == -(-n // world)
+    assert unshard(shards, n) == items  # results come back in the original order, the padding dropped
+    assert all(item in items for s in shards for item in s)  # padding repeats a real prompt
+
+
+TWO_RANK_SCRIPT = """
+import json, sys
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from tunekit.evaluate import exact_match
+
+dist.init_process_group("gloo")
+base, cases_path, out = sys.argv[1:]
+pairs = [tuple(p) for p in json.load(open(cases_path))]
+tok = AutoTokenizer.from_pretrained(base)
+model = AutoModelForCausalLM.from_pretrained(base)
+rows, generate = [], model.generate
+model.generate = lambda **kw: rows.append(len(kw["input_ids"])) or generate(**kw)
+score = exact_match(model, tok, pairs, max_new_tokens=6, batch_size=2)
+json.dump({"score": score, "rows": sum(rows), "calls": len(rows)}, open(f"{out}/rank{dist.get_rank()}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_exact_match_over_two_processes_splits_the_prompts_and_scores_like_one(tiny_base, tmp_path):
+    """2 CPU processes (torchrun, gloo): each generates only its half (4 of 7, the last padded with a repeat), both
+    return the score one process gets."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunekit.evaluate import exact_match, generate_completions
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    prompts = [alpaca_prompt({"instruction": "Repeat the digits.", "input": d})
+               for d in ("381", "905172", "46", "7", "2222", "13", "580")]
+    got = generate_completions(model, tok, prompts, max_new_tokens=6, batch_size=2)
+    pairs = [(p, g if i % 3 else "\u2603 wrong") for i, (p, g) in enumerate(zip(prompts, got))]  # 4 of 7 right
+    single = exact_match(model, tok, pairs, max_new_tokens=6, batch_size=2)
+    assert single == pytest.approx(4 / 7)
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
+    (tmp_path / "script.py").write_text(TWO_RANK_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(tmp_path / "script.py"), str(tiny_base), str(tmp_path / "pairs.json"), str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["score"] for r in ranks] == [single, single]
+    assert [r["rows"] for r in ranks] == [4, 4]  # not 7 each: ceil(7 / 2), one padding row on rank 1
+    assert ranks[0]["calls"] == ranks[1]["calls"] == 2  # equal generate calls: what ZeRO-3's synced decoding needs

@@ -17,6 +17,11 @@ from tunekit.errors import UserError
 
 def cmd_train(args: argparse.Namespace) -> int:
     config = _load(args)
+    from tunekit.attention import attention_problem_here
+
+    problem = attention_problem_here(config.model.attn_implementation, probe_cuda=True)
+    if problem:  # before anything loads or is created: from_pretrained would raise an ImportError much later
+        raise UserError(problem)
     from tunekit.train import train  # heavy imports only now that the config is known to be valid
 
     train(config, overwrite=args.overwrite, resume=args.resume, force=args.force)
@@ -25,6 +30,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     config = _load(args)
+    from tunekit.attention import attention_problem_here
+
+    problem = attention_problem_here(config.model.attn_implementation, probe_cuda=False)  # no torch here
+    if problem:  # a warning: the config may be meant for a GPU machine; `train` refuses it here
+        print(f"warning: {problem}", file=sys.stderr)
     print(f"ok: {args.config} is a valid {config.method} config (output_dir: {config.output_dir})")
     return 0
 

@@ -233,8 +233,12 @@ class LoggingConfig(Section):
 
 
 class PreflightConfig(Section):
-    gpus: int | None = Field(None, gt=0, description="GPUs to estimate for; default: the ones visible.")
-    gpu_memory_gb: float | None = Field(None, gt=0, description="Memory per GPU; default: the visible GPU's.")
+    gpus: int | None = Field(None, gt=0, description=(
+        "GPUs `tunekit estimate` plans for (default 1). Not used by `train`: its pre-flight counts the processes the "
+        "launcher started (WORLD_SIZE)."))
+    gpu_memory_gb: float | None = Field(None, gt=0, description=(
+        "GB per GPU `tunekit estimate` plans for (default 80). Not used by `train`: its pre-flight reads the memory "
+        "of the GPU it trains on."))
     refuse_if_too_big: bool = Field(True, description="Refuse to start a run the estimate says cannot fit.")
     usd_per_gpu_hour: float = Field(3.0, ge=0, description="Price for the cost estimate (seeds: A100 ~$3/h).")
 

@@ -1,8 +1,30 @@
-"""Task metrics computed by generating from a model (plain or peft-wrapped)."""
+"""Task metrics computed by generating from a model (plain or peft-wrapped).
+
+Under DDP/DeepSpeed every rank runs the metric: each generates only its share of the prompts (`shard`), and the
+completions are gathered back into the original order (`unshard`), so the score is the one a single process gets.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
+    """Rank `rank`'s share of `items`: a contiguous block of ceil(n / world), the last blocks padded with repeats of
+    the last item so that every rank gets the same count (under ZeRO-3 generate is collective: every rank must run the
+    same number of generate calls and decode steps, see transformers' `synced_gpus`). Empty for no items."""
+    if not items:
+        return []
+    per_rank = -(-len(items) // world)  # ceil
+    return [items[min(i, len(items) - 1)] for i in range(rank * per_rank, (rank + 1) * per_rank)]
+
+
+def unshard(per_rank: Sequence[Sequence[T]], n: int) -> list[T]:
+    """Inverse of `shard`: the ranks' results (in rank order) back in the items' order, padding dropped."""
+    return [item for block in per_rank for item in block][:n]
 
 
 def generate_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
@@ -42,12 +64,28 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], max_new_token
     return completions
 
 
+def distributed_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
+                            batch_size: int = 16) -> list[str]:
+    """generate_completions of every prompt, each rank generating only its `shard`; every rank returns all of them,
+    in order. Collective under a process group: every rank must call it with the same prompts."""
+    from tunekit.distributed import gather_object, is_distributed
+
+    rank, world = 0, 1
+    if is_distributed():
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+    mine = generate_completions(model, tokenizer, shard(prompts, rank, world), max_new_tokens, batch_size)
+    return unshard(gather_object(mine), len(prompts))
+
+
 def exact_match(model, tokenizer, pairs: Sequence[tuple[str, str]], max_new_tokens: int = 32,
                 batch_size: int = 16) -> float:
-    """Return the fraction (0..1) of (prompt, expected) pairs whose greedy completion equals expected.strip().
+    """Return the fraction (0..1) of (prompt, expected) pairs whose greedy completion equals expected.strip(); under a
+    process group the prompts are split across ranks (see distributed_completions) and every rank returns the score.
 
     Returns 0.0 for no pairs."""
     if not pairs:
         return 0.0
-    got = generate_completions(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size)
+    got = distributed_completions(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size)
     return sum(g == expected.strip() for g, (_, expected) in zip(got, pairs)) / len(pairs)

@@ -35,14 +35,68 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return device if isinstance(device, torch.device) else next(model.parameters()).device
 
 
-def general_loss(model: torch.nn.Module, tokenizer, texts: Sequence[str], max_seq_len: int, batch_size: int) -> float:
+# Token rows projected through lm_head at a time: the largest logits tensor general_loss builds is
+# [LOSS_CHUNK_TOKENS, vocab] (plus its fp32 copy and the loss's log-softmax): 1024 x 128K vocabulary x 10 B = 1.3 GB,
+# where the whole batch's logits were 8 x 2048 x 128K x (2 + 4 + 4) B = 21 GB at eval batch 8.
+LOSS_CHUNK_TOKENS = 1024
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers CausalLM inside `model` (peft's LoRA layers are injected into it, so it runs the adapter)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _output_transform(config) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the CausalLM's own forward does to lm_head's output before returning logits: Cohere's logit_scale,
+    Granite's logits_scaling, Gemma-2/3's final_logit_softcapping (identity for Llama/Mistral)."""
+    scale = getattr(config, "logit_scale", None)
+    divide = getattr(config, "logits_scaling", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if divide is not None:
+            logits = logits / divide
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return transform
+
+
+def chunked_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     labels: torch.Tensor, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> tuple[float, int]:
+    """(sum of the causal-LM cross entropy in nats, predicted tokens) of one batch, never holding its whole logits.
+
+    The backbone runs once on [B, T]; its hidden states at the positions whose next token is labelled (labels not
+    IGNORE_INDEX) go through lm_head `chunk_tokens` rows at a time, each chunk's logits upcast to fp32 (bf16 logits
+    would round the sum) and scored, then freed. The model's forward would have built [B, T, V] logits.
+    """
+    lm = _causal_lm(model)
+    hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    targets = labels[:, 1:].to(hidden.device)  # position t predicts token t+1: [B, T-1]
+    keep = targets != IGNORE_INDEX
+    hidden, targets = hidden[:, :-1][keep], targets[keep]  # [N, H], [N]
+    head, transform = lm.get_output_embeddings(), _output_transform(lm.config)
+    total = 0.0
+    for start in range(0, targets.numel(), chunk_tokens):
+        logits = transform(head(hidden[start:start + chunk_tokens])).float()  # [<= chunk_tokens, V]
+        total += F.cross_entropy(logits, targets[start:start + chunk_tokens], reduction="sum").item()
+    return total, int(targets.numel())
+
+
+def general_loss(model: torch.nn.Module, tokenizer, texts: Sequence[str], max_seq_len: int, batch_size: int,
+                 chunk_tokens: int = LOSS_CHUNK_TOKENS) -> float:
     """Mean per-token causal-LM loss (nats) of `model` on `texts`, every token weighted equally across texts.
 
     Each text becomes [bos] + tokens + [eos] (cut to max_seq_len); batches are right-padded with labels -100 and an
     attention mask of 0 on the pads. The loss is summed over all predicted tokens and divided by their count, so a
-    long text weighs more than a short one (unlike a mean of per-batch means). Runs under no_grad in eval mode
-    (dropout off) and restores the model's previous mode. Under ZeRO-3 every rank must call it with the same texts:
-    the forward gathers parameters collectively. Raises ValueError when the texts hold no predictable token.
+    long text weighs more than a short one (unlike a mean of per-batch means). The logits are built `chunk_tokens`
+    token rows at a time (chunked_loss_sum), so memory does not grow with batch x length x vocabulary. Runs under
+    no_grad in eval mode (dropout off) and restores the model's previous mode. Under ZeRO-3 every rank must call it
+    with the same texts: the forward gathers parameters collectively. Raises ValueError when the texts hold no
+    predictable token.
     """
     encoded = [ids for ids in (_encode(tokenizer, text, max_seq_len) for text in texts) if len(ids) >= 2]
     if not encoded:
@@ -64,14 +118,9 @@ def general_loss(model: torch.nn.Module, tokenizer, texts: Sequence[str], max_se
                     input_ids[row, : len(ids)] = torch.tensor(ids)
                     labels[row, : len(ids)] = torch.tensor(ids)
                     attention_mask[row, : len(ids)] = 1
-                logits = model(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
-                ).logits  # [B, T, V]
-                # Position t predicts token t+1; fp32 so bf16 logits do not round the sum.
-                shifted = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-                targets = labels[:, 1:].reshape(-1).to(shifted.device)
-                total_loss += F.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum").item()
-                total_tokens += int((targets != IGNORE_INDEX).sum())
+                loss, tokens = chunked_loss_sum(model, input_ids.to(device), attention_mask.to(device), labels,
+                                                chunk_tokens)
+                total_loss, total_tokens = total_loss + loss, total_tokens + tokens
     finally:
         model.train(was_training)
     return total_loss / total_tokens

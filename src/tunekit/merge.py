@@ -106,9 +106,11 @@ def merge(run: Run, out: str | os.PathLike, dtype: str | None = None, base: str 
     save_dtype = dtype or default_dtype(run, base_config)
     tokenizer = load_run_tokenizer(run)
     inputs = check_inputs(run.config, tokenizer)
-    merged = merge_adapter(run, trained, tokenizer, inputs, save_dtype, base)
+    plan = merge_plan(torch.cuda.is_available(), trained, save_dtype, run.config.method)
+    merged = merge_adapter(run, trained, tokenizer, inputs, save_dtype, base, plan)
     merged.check["trained_with"] = run.resolved.model_dump(mode="json") if run.resolved is not None else None
-    merged.check["merged_with"] = {"device": "cuda" if torch.cuda.is_available() else "cpu",
+    merged.check["merged_with"] = {"device": plan.device,
+                                   "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
                                    "versions": rundir.library_versions()}
     print(format_check(merged.check))
     if not merged.check["passed"]:
@@ -147,6 +149,30 @@ def training_settings(run: Run) -> Resolved:
 def training_load_dtype(trained: Resolved) -> torch.dtype:
     """The dtype training loaded the base in (QLoRA: before quantizing it; NF4 codes and scales depend on it)."""
     return getattr(torch, trained.load_dtype)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Where and in what precision the merge check runs: the reference (QLoRA: the trained 4-bit model) and the merge
+    on one device, in one compute dtype, so that their difference is the merge's and not the hardware's."""
+
+    device: str  # "cuda" or "cpu"
+    load_dtype: torch.dtype  # the dtype training loaded the base in: QLoRA quantizes from it, the merge starts from it
+    compute_dtype: torch.dtype  # reference forward (4-bit matmuls and the other modules) and the merge arithmetic
+
+
+def merge_plan(cuda_available: bool, trained: Resolved, save_dtype: str, method: str) -> MergePlan:
+    """The MergePlan for a run trained as `trained` records, saved as `save_dtype`, on a machine with or without CUDA.
+
+    Device: QLoRA where bitsandbytes puts the 4-bit reference (the GPU whenever CUDA is visible), and the merge with
+    it; LoRA on the CPU (its reference is the unmerged model inside the merge itself, wherever that runs, and the CPU
+    needs no GPU memory for an fp32 copy). Compute dtype: fp32 for an fp32 save (its 1e-4 tolerance leaves no room
+    for 16-bit rounding on either side) and on the CPU; on a GPU a 16-bit save computes in that dtype (half the
+    memory of fp32; the 16-bit tolerances cover its rounding). Load dtype: the one training recorded.
+    """
+    device = "cuda" if cuda_available and method == "qlora" else "cpu"
+    compute = torch.float32 if device == "cpu" or save_dtype == "fp32" else DTYPES[save_dtype]
+    return MergePlan(device, training_load_dtype(trained), compute)
 
 
 def default_dtype(run: Run, stored_config) -> str:
@@ -280,23 +306,26 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 # ---------------------------------------------------------------- merging
 
 
-def merge_adapter(run: Run, trained: Resolved, tokenizer, inputs: CheckInputs, save_dtype: str, base: str) -> Merged:
+def merge_adapter(run: Run, trained: Resolved, tokenizer, inputs: CheckInputs, save_dtype: str, base: str,
+                  plan: MergePlan | None = None) -> Merged:
     """Merge and check. LoRA: one merge into the base as trained. QLoRA: both bases, the other one first (then freed),
     so only one full-precision copy of the model is alive at a time besides the 4-bit reference.
-    trained: the run's resolved settings (load dtype, attention)."""
+    trained: the run's resolved settings (load dtype, attention); plan: where and how (default: merge_plan here)."""
     attn = check_attention(trained)
+    plan = plan or merge_plan(torch.cuda.is_available(), trained, save_dtype, run.config.method)
+    compute = str(plan.compute_dtype).removeprefix("torch.")
     if run.config.method != "qlora":
-        model, diffs = merge_into(run, tokenizer, inputs, save_dtype, attn, packed=None, reference=None)
-        check = check_record(inputs, save_dtype, "original", diffs["vs_trained"], reference_kind="adapter model "
-                             "(base in fp32 + adapter, unmerged)", gate=diffs["vs_trained"], scale=diffs["scale"])
+        model, diffs = merge_into(run, tokenizer, inputs, save_dtype, attn, packed=None, reference=None, plan=plan)
+        check = check_record(inputs, save_dtype, "original", diffs["vs_trained"], reference_kind=f"adapter model "
+                             f"(base in {compute} + adapter, unmerged)", gate=diffs["vs_trained"], scale=diffs["scale"])
         return Merged(model, check)
 
-    reference, packed = quantized_reference(run, tokenizer, inputs, training_load_dtype(trained), attn)
+    reference, packed = quantized_reference(run, tokenizer, inputs, plan, attn)
     results: dict[str, dict] = {}
     for choice in [c for c in ("dequantized", "original") if c != base] + [base]:
         model, results[choice] = merge_into(run, tokenizer, inputs, save_dtype, attn,
                                             packed=packed if choice == "dequantized" else None,
-                                            reference=reference)
+                                            reference=reference, plan=plan)
         if choice != base:
             del model  # only the chosen merge is kept
     chosen = results[base]
@@ -305,22 +334,25 @@ def merge_adapter(run: Run, trained: Resolved, tokenizer, inputs: CheckInputs, s
     # difference from the trained model is reported as the cost of the choice.
     gate = chosen["vs_trained"] if base == "dequantized" else chosen["merge_only"]
     check = check_record(inputs, save_dtype, base, chosen["vs_trained"],
-                         reference_kind="trained model: 4-bit NF4 base + adapter (fp32 compute)", gate=gate,
-                         scale=chosen["scale"])
+                         reference_kind=f"trained model: 4-bit NF4 base + adapter ({compute} compute, {plan.device})",
+                         gate=gate, scale=chosen["scale"])
     check["qlora"] = {name: {key: r[key] for key in ("vs_trained", "merge_only")} for name, r in results.items()}
     check["quantized_from"] = trained.load_dtype  # the dtype the 4-bit base was quantized from, as in training
     return Merged(model, check)
 
 
 def merge_into(run: Run, tokenizer, inputs: CheckInputs, save_dtype: str, attn: str | None, packed: dict | None,
-               reference: list[torch.Tensor] | None) -> tuple[Any, dict]:
-    """Load the base in fp32 (with `packed`: the dequantized NF4 values in place of those Linear weights), apply the
-    adapter, record its unmerged logits, merge_and_unload, cast to save_dtype; returns (model, diffs).
+               reference: list[torch.Tensor] | None, plan: MergePlan) -> tuple[Any, dict]:
+    """Load the base on plan.device in plan.compute_dtype (with `packed`: first in the dtype training loaded it in, so
+    the layers that were not quantized hold training's values, then the dequantized NF4 values in place of those
+    Linear weights), apply the adapter, record its unmerged logits, merge_and_unload, cast to save_dtype; returns
+    (model, diffs). Cast once, after the sum.
 
     diffs: merge_only (merged vs this base + adapter), vs_trained (merged vs `reference`, or vs the unmerged model
     when reference is None: for LoRA they are the same thing), scale (largest |reference logit|).
     """
-    model = load_base(run.config, tokenizer, torch.float32, attn)  # merge in fp32: cast once, after the sum
+    dtype = plan.load_dtype if packed is not None else plan.compute_dtype
+    model = load_base(run.config, tokenizer, dtype, attn, device=plan.device).to(plan.compute_dtype)
     if packed is not None:
         import bitsandbytes.functional as bnbf
 
@@ -340,13 +372,16 @@ def merge_into(run: Run, tokenizer, inputs: CheckInputs, save_dtype: str, attn: 
     }
 
 
-def load_base(config: RunConfig, tokenizer, dtype: torch.dtype, attn: str | None, quantization_config=None):
-    """The run's base, loaded as training did (same from_pretrained arguments, the attention kernel it ran),
-    embeddings grown to the run's tokenizer: with added tokens the adapter carries the resized embed_tokens/lm_head
-    and needs matching shapes."""
+def load_base(config: RunConfig, tokenizer, dtype: torch.dtype, attn: str | None, quantization_config=None,
+              device: str = "cpu"):
+    """The run's base, loaded as training did (same from_pretrained arguments, the attention kernel it ran) onto
+    `device` ("cuda": the current GPU), embeddings grown to the run's tokenizer: with added tokens the adapter carries
+    the resized embed_tokens/lm_head and needs matching shapes."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    if device == "cuda":  # (bitsandbytes alone would pick the GPU for a 4-bit load; a plain load would stay on CPU)
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
     if attn is not None:
         kwargs["attn_implementation"] = attn
     name = config.model.name_or_path
@@ -360,40 +395,56 @@ def load_base(config: RunConfig, tokenizer, dtype: torch.dtype, attn: str | None
     return model
 
 
-def quantized_reference(run: Run, tokenizer, inputs: CheckInputs, load_dtype: torch.dtype,
+def quantized_reference(run: Run, tokenizer, inputs: CheckInputs, plan: MergePlan,
                         attn: str | None) -> tuple[list[torch.Tensor], dict[str, tuple]]:
     """The trained QLoRA model's logits (4-bit base + adapter) and its packed NF4 weights, {module: (data, state)}.
 
-    The base is quantized exactly as in training (backends.lora.quantization_config, from `load_dtype`, the dtype
-    training loaded it in: NF4 codes and scales depend on the values quantized), except the compute dtype is fp32:
-    it only sets the dtype of the matmuls, not the stored weights, and bf16 matmul noise would blur the comparison
-    we want to make. The packed
-    weights (~0.5 byte/param) are kept rather than dequantized copies (4 bytes/param): merge_into dequantizes them
-    one layer at a time.
+    The base is quantized exactly as in training (backends.lora.quantization_config, from plan.load_dtype, the dtype
+    training loaded it in: NF4 codes and scales depend on the values quantized), on plan.device, except that it
+    computes in plan.compute_dtype, as the merge does: the 4-bit matmuls (the compute dtype sets only the dtype of the
+    matmuls, not the stored weights) and every layer that is not 4-bit (embeddings, norms, lm_head: cast from the load
+    dtype, their values unchanged). Else its rounding would blur the comparison we want to make. Its 4-bit layers
+    multiply as training's do (_training_matmul), not through bitsandbytes' inference kernels. The packed weights
+    (~0.5 byte/param) are kept rather than dequantized copies (4 bytes/param): merge_into dequantizes them one layer
+    at a time.
     """
-    from bitsandbytes.nn import Linear4bit
+    from bitsandbytes.nn import Linear4bit, Params4bit
 
     from tunekit.backends.lora import quantization_config
 
     qconfig = quantization_config(run.config)
-    qconfig.bnb_4bit_compute_dtype = torch.float32
-    model = load_base(run.config, tokenizer, load_dtype, attn, quantization_config=qconfig)
+    qconfig.bnb_4bit_compute_dtype = plan.compute_dtype
+    model = load_base(run.config, tokenizer, plan.load_dtype, attn, quantization_config=qconfig, device=plan.device)
+    with torch.no_grad():
+        for param in model.parameters():
+            if not isinstance(param, Params4bit) and param.dtype != plan.compute_dtype:
+                param.data = param.data.to(plan.compute_dtype)
     packed = {}
     for name, module in model.named_modules():
-        if not isinstance(module, Linear4bit):
-            continue
-        packed[name] = (module.weight.data, module.weight.quant_state)
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            # bitsandbytes' CPU inference fast path repacks the weight in place on the first eval forward and
-            # multiplies in bf16 (2.5e-3 logit noise on the tiny model). Training never takes it (it needs eval
-            # mode), so off: the reference computes as training did, dequantize then matmul in fp32.
-            module.support_avx512bf16_for_cpu = False
+        if isinstance(module, Linear4bit):
+            packed[name] = (module.weight.data, module.weight.quant_state)
+            module.forward = _training_matmul(module, plan.compute_dtype)
     if not packed:
         raise UserError(f"{run.dir}: a qlora run, but loading its base 4-bit gave no Linear4bit layers")
     model = load_adapter(model, run)
     reference = logits_of(model, inputs)
     del model
     return reference, packed
+
+
+def _training_matmul(module, compute_dtype: torch.dtype):
+    """A Linear4bit forward that computes as training did: bitsandbytes' training path (MatMul4Bit) dequantizes the
+    weight to the dtype it was quantized from, then multiplies in the compute dtype. Its inference paths do not: the
+    fused gemm_4bit dequantizes straight to the input's dtype (fp32 values where training used bf16-rounded ones:
+    1e-3 per layer on the tiny model), and the CPU AVX512-BF16 path repacks the weight and multiplies in bf16."""
+    import bitsandbytes.functional as bnbf
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        weight = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).to(compute_dtype)  # [out, in]
+        bias = module.bias.to(compute_dtype) if module.bias is not None else None
+        return torch.nn.functional.linear(x.to(compute_dtype), weight, bias).to(x.dtype)
+
+    return forward
 
 
 def load_adapter(model, run: Run):

@@ -15,11 +15,12 @@ from transformers import set_seed
 
 from tunekit import rundir
 from tunekit.backends import deepspeed, full, lora
-from tunekit.backends.common import (count_params, full_weights, load_tokenizer, resolve_settings,
-                                     training_arguments)
+from tunekit.backends.common import (check_launch, count_params, full_weights, keep_checkpointing_kwargs,
+                                     load_tokenizer, resolve_settings, training_arguments)
 from tunekit.callbacks import TunekitTrainer, build_callbacks, peak_memory_bytes
 from tunekit.config import RunConfig
 from tunekit.data import prepare_data, read_rows
+from tunekit.distributed import check_shared_output_dir
 from tunekit.errors import UserError
 
 # method -> function(config, tokenizer) -> model ready to train. QLoRA is LoRA with a 4-bit base.
@@ -30,6 +31,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: str | None = None,
     """Run one fine-tuning job; returns the summary (also written to OUTPUT_DIR/summary.json)."""
     started = time.time()
     rundir.check_output_dir(config.output_dir, overwrite, resume)
+    check_launch(config)  # several GPUs and no launcher: refused before anything loads
     check_trackers(config)
     checkpoint = resume_checkpoint(config, resume)  # a bad --resume fails before anything is loaded
     preflight = run_preflight(config, force)
@@ -41,6 +43,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: str | None = None,
     model.config.use_cache = False  # no KV cache in training; without one, packed rows get per-example attention
     if args.process_index == 0:
         rundir.create(config, resolve_settings(config, args, model), overwrite, resume)
+    check_shared_output_dir(config.output_dir)  # every rank sees rank 0's output_dir, or every rank refuses
     metric_before = task_metric(model, tokenizer, data, config)
     trainer = build_trainer(config, args, model, tokenizer, data, checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -98,6 +101,7 @@ def build_trainer(config: RunConfig, args, model, tokenizer, data, resume_from: 
     callbacks = build_callbacks(config, tokenizer, resume_from) + insight_callbacks(config, model, tokenizer)
     trainer = TunekitTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                              processing_class=tokenizer, callbacks=callbacks)
+    keep_checkpointing_kwargs(trainer)  # TRL switches PEFT + ZeRO-3 to reentrant checkpointing; ours is non-reentrant
     # Callbacks that measure at an evaluation (forgetting, rank spectrum) have a `log` slot: their values go through
     # Trainer.log, the one way into both log_history and the trackers (see callbacks.TunekitTrainer).
     for callback in callbacks:

@@ -6,7 +6,10 @@ save path are the same for all three methods.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
+from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,26 +23,149 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def bf16_native() -> bool:
+    """A GPU with bf16 in hardware (compute capability 8.0+). torch's default also counts emulated bf16 (V100, T4:
+    it runs, without bf16 tensor cores), which 'auto' must not pick."""
+    return on_gpu() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def precision(config: RunConfig) -> str:
-    """fp32 | bf16 | fp16 after resolving 'auto': bf16 on a GPU that supports it, fp32 on CPU (CPU autocast bf16 is
-    slower than fp32 for these small matmuls and the CPU stack verified fp32)."""
-    wanted = config.training.precision
+    """fp32 | bf16 | fp16 for this run on this machine (`resolve_precision` with this machine's facts)."""
+    return resolve_precision(config.training.precision, on_gpu(), bf16_native())
+
+
+def resolve_precision(wanted: str, cuda_available: bool, bf16_native: bool) -> str:
+    """fp32 | bf16 | fp16 after resolving 'auto': bf16 on a GPU with native bf16, fp32 elsewhere (CPU autocast bf16 is
+    slower than fp32 for these small matmuls and the CPU stack verified fp32). Raises UserError for fp16 without a
+    GPU."""
     if wanted == "auto":
-        return "bf16" if on_gpu() and torch.cuda.is_bf16_supported() else "fp32"
-    if wanted == "fp16" and not on_gpu():
+        return "bf16" if cuda_available and bf16_native else "fp32"
+    if wanted == "fp16" and not cuda_available:
         raise UserError("training.precision: fp16 needs a CUDA GPU; use fp32 or bf16 on CPU")
     return wanted
 
 
 def weights_dtype(config: RunConfig) -> torch.dtype:
-    """dtype the (trainable or frozen) weights are loaded in."""
-    if config.model.dtype != "auto":
-        return getattr(torch, config.model.dtype)
-    # LoRA/QLoRA: the frozen base can sit in bf16 (adapters stay fp32). Full FT keeps fp32 master weights and lets
-    # mixed precision (or DeepSpeed's bf16) do the half-precision compute.
-    if config.method != "full" and precision(config) == "bf16":
+    """dtype the (trainable or frozen) weights are loaded in (`load_dtype` for this run on this machine)."""
+    return load_dtype(config.method, config.model.dtype, precision(config), config.deepspeed is not None)
+
+
+def load_dtype(method: str, model_dtype: str, mode: str, deepspeed: bool) -> torch.dtype:
+    """dtype from_pretrained loads the weights in, from the method, model.dtype, the resolved precision `mode` and
+    whether DeepSpeed runs.
+
+    LoRA/QLoRA: the frozen base sits in bf16 when training in bf16 (the adapters' dtype is `lora.adapter_dtype`'s).
+    Full FT under DeepSpeed in half precision: the engine casts every weight to that precision before it builds the
+    optimizer, whose fp32 master copy is made from those half-precision values (ZeRO 1/2: the optimizer's fp32
+    partitions; ZeRO-3: zero.Init already stores the shards in the config's dtype). Loading fp32 first would only
+    cost 4 B/param of host RAM per rank (32 GB x 8 ranks for an 8B model) for the same numbers. Full FT in fp32 (or
+    without DeepSpeed, which the schema does not allow today) loads fp32.
+    """
+    if model_dtype != "auto":
+        return getattr(torch, model_dtype)
+    if method != "full" and mode == "bf16":
         return torch.bfloat16
+    if method == "full" and deepspeed and mode in ("bf16", "fp16"):
+        return torch.bfloat16 if mode == "bf16" else torch.float16
     return torch.float32
+
+
+def zero_stage(config: RunConfig) -> int | None:
+    """The ZeRO stage this run uses, or None without DeepSpeed."""
+    return config.deepspeed.zero_stage() if config.deepspeed is not None else None
+
+
+def local_rank() -> int:
+    """This process's GPU index on its node: LOCAL_RANK, set by every launcher (and by `process_setup` for a run of
+    one process under DeepSpeed); 0 for a plain single-process run."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def device_map(cuda_available: bool, zero_stage: int | None, local_rank: int) -> dict[str, int] | None:
+    """from_pretrained's device_map: the whole model on this process's GPU, or None (load on the CPU).
+
+    On a GPU the weights must be there from the start: the base model's task metric and general-text loss run
+    before the Trainer moves the model (hours of CPU generation for an 8B model, and flash attention refuses CPU
+    tensors), and bitsandbytes quantizes on the device it loads to. The index is the Trainer's own device
+    (cuda:LOCAL_RANK), so it sees one device that is its own and does not treat the model as split. None under
+    ZeRO-3 (zero.Init partitions the weights as they load; transformers refuses a device_map there) and on CPU.
+    """
+    if not cuda_available or zero_stage == 3:
+        return None
+    return {"": local_rank}
+
+
+# sdpa's boolean mask (1 B/element) and the additive bias the CUDA kernel makes of it (2 B/element in bf16/fp16).
+SDPA_MASK_BYTES_PER_ELEMENT = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionChoice:
+    """What `choose_attention` decided: the attn_implementation to load with (None: transformers' default, sdpa for
+    the models we train), a one-line warning to print, or a one-line refusal (raise it as a UserError)."""
+
+    implementation: str | None
+    warning: str | None = None
+    refusal: str | None = None
+
+
+def choose_attention(cuda_available: bool, packing: bool, attn: str | None, flash_available: bool, half_weights: bool,
+                     micro_batch: int, max_seq_len: int, device_memory_bytes: int | None = None) -> AttentionChoice:
+    """The attention kernel for this run, from explicit facts.
+
+    Packing is padding-free in TRL: a micro-batch of B rows of L tokens is flattened into one row of B*L tokens with
+    per-example position_ids. flash attention's varlen kernel reads the example boundaries and costs O(B*L); sdpa (and
+    eager) need a [1, 1, B*L, B*L] mask that keeps examples apart, quadratic in the micro-batch
+    (`SDPA_MASK_BYTES_PER_ELEMENT` bytes per element). So on a GPU with packing, when model.attn_implementation is
+    unset: flash attention when it is installed and the weights are bf16/fp16 (it has no fp32 kernel; losses are the
+    same, only the kernel changes). Otherwise (or when sdpa/eager is asked for) a warning with the mask's size, or a
+    refusal when that mask alone exceeds the device's memory. On CPU, or without packing, the config's setting is
+    kept as it is (the CPU tests rely on sdpa's packed mask).
+    """
+    if not cuda_available or not packing or attn == "flash_attention_2":
+        return AttentionChoice(attn)
+    if attn is None and flash_available and half_weights:
+        return AttentionChoice("flash_attention_2")
+    tokens = micro_batch * max_seq_len
+    mask_bytes = tokens * tokens * SDPA_MASK_BYTES_PER_ELEMENT
+    kernel = attn or "sdpa"
+    if attn is not None:
+        why = f"model.attn_implementation is {attn}"
+    else:
+        why = "flash-attn is not installed" if not flash_available else "flash attention needs bf16/fp16 weights"
+    numbers = (f"data.packing: {kernel} attention over packed rows builds a {tokens}x{tokens} mask in every forward "
+               f"({micro_batch} rows x {max_seq_len} tokens flattened into one row): {mask_bytes / 1e9:.2f} GB")
+    if device_memory_bytes is not None and mask_bytes > device_memory_bytes:
+        return AttentionChoice(attn, refusal=f"{numbers}, more than the GPU's {device_memory_bytes / 1e9:.0f} GB "
+                                               f"({why}); use flash_attention_2 or a smaller per_device_*_batch_size")
+    return AttentionChoice(attn, warning=f"{numbers} ({why}); flash_attention_2 would not need it")
+
+
+def attention_for(config: RunConfig) -> AttentionChoice:
+    """`choose_attention` with this run's settings and this machine's facts.
+
+    model.attn_implementation left at its default (sdpa) counts as unset: packing on a GPU may then pick flash
+    attention; written in the config, it is kept. When nothing is picked the default is loaded, as before.
+    """
+    from transformers.utils import is_flash_attn_2_available
+
+    cuda, packing, t = on_gpu(), config.data.packing, config.training
+    written = "attn_implementation" in config.model.model_fields_set
+    choice = choose_attention(
+        cuda, packing, config.model.attn_implementation if written else None, cuda and is_flash_attn_2_available(),
+        half_weights=weights_dtype(config) in (torch.bfloat16, torch.float16),
+        micro_batch=max(t.per_device_train_batch_size, t.per_device_eval_batch_size),
+        max_seq_len=config.data.max_seq_len,
+        device_memory_bytes=gpu_memory_bytes() if cuda and packing else None,
+    )
+    if choice.implementation is None:
+        choice = dataclasses.replace(choice, implementation=config.model.attn_implementation)
+    return choice
+
+
+def gpu_memory_bytes() -> int:
+    """Total memory of this process's GPU."""
+    return torch.cuda.get_device_properties(local_rank()).total_memory
 
 
 def load_tokenizer(config: RunConfig):
@@ -61,29 +187,38 @@ def load_tokenizer(config: RunConfig):
     return tokenizer
 
 
-def load_kwargs(config: RunConfig) -> dict[str, Any]:
-    """from_pretrained keyword arguments shared by every method: safetensors only, no remote code unless asked."""
+def load_kwargs(config: RunConfig, attn_implementation: str | None = None) -> dict[str, Any]:
+    """from_pretrained keyword arguments shared by every method: safetensors only, no remote code unless asked, on
+    this process's GPU unless ZeRO-3 shards the load (`device_map`), with the attention kernel `attention_for` chose."""
     kwargs: dict[str, Any] = {
         "dtype": weights_dtype(config),
         "trust_remote_code": config.model.trust_remote_code,
         "use_safetensors": True,  # never unpickle .bin weights
         "revision": config.model.revision,
     }
-    if config.model.attn_implementation:
-        kwargs["attn_implementation"] = config.model.attn_implementation
+    placement = device_map(on_gpu(), zero_stage(config), local_rank())
+    if placement is not None:
+        kwargs["device_map"] = placement
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     return kwargs
 
 
 def from_pretrained(config: RunConfig, **extra: Any):
-    """AutoModelForCausalLM.from_pretrained with our defaults; load failures become one-line UserErrors."""
+    """AutoModelForCausalLM.from_pretrained with our defaults; load failures become one-line UserErrors, and so does
+    an attention kernel that cannot fit (`attention_for`; its warning is printed once, by rank 0)."""
     from transformers import AutoModelForCausalLM
 
+    attention = attention_for(config)
+    if attention.refusal:
+        raise UserError(attention.refusal)
+    if attention.warning and int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: {attention.warning}", file=sys.stderr)
     try:
-        return AutoModelForCausalLM.from_pretrained(config.model.name_or_path, **load_kwargs(config), **extra)
+        return AutoModelForCausalLM.from_pretrained(config.model.name_or_path,
+                                                    **load_kwargs(config, attention.implementation), **extra)
     except Exception as exc:  # noqa: BLE001 - unknown model_type, corrupt safetensors, bad config.json, no weights...
         raise UserError(f"model.name_or_path: cannot load {config.model.name_or_path}: {first_line(exc)}") from None
-
-
 
 def resize_for_new_tokens(model, tokenizer, new_tokens: list[str]) -> list[int]:
     """Grow the embeddings to the tokenizer's size when it outgrew them; return the ids of `new_tokens` (the rows a
@@ -101,22 +236,63 @@ def resize_for_new_tokens(model, tokenizer, new_tokens: list[str]) -> list[int]:
     return sorted(set(tokenizer.convert_tokens_to_ids(new_tokens)))
 
 
-def cpu_deepspeed_state(deepspeed_config: dict | None) -> bool:
-    """On CPU under DeepSpeed, set up the process group ourselves; return True when it did (the Trainer must then use it).
+LAUNCHER_ENV = ("LOCAL_RANK", "WORLD_SIZE")  # set by accelerate launch, torchrun, deepspeed and srun wrappers
 
-    Left alone, the Trainer treats `use_cpu` as "no DeepSpeed" and builds a one-process state, and DeepSpeed then fails
-    in from_pretrained with "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size".
-    A DeepSpeed-flavoured PartialState on gloo, created first, is what both then use. A plain `tunekit train` (no
-    launcher) gets a one-process group so the same code path runs. On a GPU the Trainer's own set-up is right.
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSetup:
+    """How this process joins (or forms) a process group, decided by `process_setup`.
+
+    group_of_one: not started by a launcher but DeepSpeed runs: set the environment a launcher would (RANK 0 of
+        WORLD_SIZE 1 on 127.0.0.1), so the set-up below takes the launched path instead of MPI discovery.
+    gloo_state: CPU under DeepSpeed: build a DeepSpeed-flavoured PartialState on gloo ourselves and have the Trainer
+        use it (left alone, the Trainer treats `use_cpu` as "no DeepSpeed" and DeepSpeed then fails in
+        from_pretrained with "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step *
+        world_size"). On a GPU the Trainer's own set-up is the launched one: with LOCAL_RANK set and DeepSpeed on,
+        accelerate's PartialState starts nccl through deepspeed.comm (auto_mpi_discovery=False).
     """
-    if deepspeed_config is None or on_gpu():
+
+    group_of_one: bool = False
+    gloo_state: bool = False
+
+
+def process_setup(uses_deepspeed: bool, cuda_available: bool, visible_gpus: int,
+                  env: Mapping[str, str]) -> ProcessSetup:
+    """The process-group set-up for this process, from explicit facts (`env`: the environment variables).
+
+    Raises UserError, before anything loads, for several visible GPUs without a launcher: one process would leave
+    all but one idle, and TRL refuses the nn.DataParallel the Trainer would wrap the model in (after the load).
+    Without DeepSpeed nothing is needed: a single process runs without a group, a launched one gets the Trainer's.
+    """
+    launched = any(name in env for name in LAUNCHER_ENV)
+    if cuda_available and visible_gpus > 1 and not launched:
+        launcher = "single-node-8gpu-zero3.yaml" if uses_deepspeed else "single-node-8gpu-ddp.yaml"
+        raise UserError(f"tunekit train: {visible_gpus} GPUs are visible to one process; start one process per GPU "
+                        f"with `accelerate launch --config_file configs/accelerate/{launcher} --num_processes "
+                        f"{visible_gpus} -m tunekit train CONFIG` (docs/launching.md), or make one GPU visible with "
+                        "CUDA_VISIBLE_DEVICES=0")
+    if not uses_deepspeed:
+        return ProcessSetup()
+    return ProcessSetup(group_of_one=not launched, gloo_state=not cuda_available)
+
+
+def check_launch(config: RunConfig) -> None:
+    """Refuse (UserError) a launch `process_setup` refuses on this machine; call it before anything loads."""
+    process_setup(config.deepspeed is not None, on_gpu(), torch.cuda.device_count(), os.environ)
+
+
+def set_up_processes(deepspeed_config: dict | None) -> bool:
+    """Apply `process_setup` for this machine; return True when a PartialState was configured here (the Trainer must
+    then use it)."""
+    setup = process_setup(deepspeed_config is not None, on_gpu(), torch.cuda.device_count(), os.environ)
+    if setup.group_of_one:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+    if not setup.gloo_state:
         return False
     from accelerate import PartialState
 
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    if "LOCAL_RANK" not in os.environ:  # not started by a launcher: a group of one on this machine
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
     PartialState(backend="gloo")
     return True
 
@@ -133,7 +309,7 @@ def training_arguments(config: RunConfig, deepspeed_config: dict | None = None):
     """TRL SFTConfig for any method. Must be built BEFORE from_pretrained under ZeRO-3 so weights shard at load."""
     from trl import SFTConfig
 
-    use_configured_state = cpu_deepspeed_state(deepspeed_config)
+    use_configured_state = set_up_processes(deepspeed_config)
     mode = precision(config)
     t, c = config.training, config.checkpoints
     has_eval = config.data.eval_path is not None or config.data.eval_fraction > 0
@@ -156,7 +332,7 @@ def training_arguments(config: RunConfig, deepspeed_config: dict | None = None):
         fp16=mode == "fp16",
         use_cpu=not on_gpu(),
         gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        gradient_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS) if t.gradient_checkpointing else None,
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
@@ -183,6 +359,33 @@ def training_arguments(config: RunConfig, deepspeed_config: dict | None = None):
         save_only_model=False,
         ddp_find_unused_parameters=False if config.method != "full" else None,
     )
+
+
+# Non-reentrant activation checkpointing (torch's recommendation). TRL 1.16 forces use_reentrant=True for a PEFT model
+# under ZeRO-3 (sft_trainer.py, "PEFT + DeepSpeed ZeRO-3 requires reentrant checkpointing") to dodge DeepSpeed#4332:
+# the recompute re-partitioned frozen weights to shape [0]. DeepSpeed 0.19.8 (requirements/cpu.txt) keeps frozen
+# weights gathered during a recompute (partitioned_param_coordinator.py, in_checkpoint_recompute); the 2-process LoRA
+# ZeRO-3 test trains with it. Older DeepSpeed keeps TRL's reentrant switch.
+CHECKPOINTING_KWARGS = {"use_reentrant": False}
+RECOMPUTE_SAFE_DEEPSPEED = "0.19.8"
+
+
+def keep_checkpointing_kwargs(trainer) -> None:
+    """Undo TRL's switch to use_reentrant=True: put CHECKPOINTING_KWARGS back in the arguments and re-enable
+    checkpointing on the model with them (the Trainer enabled it in __init__, with TRL's kwargs). No-op when
+    checkpointing is off, the kwargs already are ours, or DeepSpeed predates RECOMPUTE_SAFE_DEEPSPEED."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    args = trainer.args
+    if not args.gradient_checkpointing or (args.gradient_checkpointing_kwargs or {}) == CHECKPOINTING_KWARGS:
+        return
+    if Version(version("deepspeed")) < Version(RECOMPUTE_SAFE_DEEPSPEED):
+        return
+    kwargs = dict(CHECKPOINTING_KWARGS)
+    args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = kwargs
+    trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(kwargs))
 
 
 def resolve_settings(config: RunConfig, args, model):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from tunekit.backends.common import from_pretrained, resize_for_new_tokens
+from tunekit.backends.common import from_pretrained, resize_for_new_tokens, zero_stage
 from tunekit.config import LoraRunConfig, QloraRunConfig, RunConfig
 from tunekit.errors import UserError
 
@@ -41,13 +41,28 @@ def build_model(config: LoraRunConfig, tokenizer):
         task_type="CAUSAL_LM",
         trainable_token_indices=trainable_tokens(model, new_token_ids) if config.lora.train_new_token_embeddings else None,
     )
-    model = get_peft_model(model, lora)
+    autocast = autocast_adapters(zero_stage(config), quantized=config.method == "qlora")
+    model = get_peft_model(model, lora, autocast_adapter_dtype=autocast)
     head = model.get_output_embeddings()
     if type(head).__name__ == "TrainableTokensWrapper" and "bias" not in head.__dict__:
         # TRL's fused LM-head loss reads lm_head.weight (the wrapper returns base + trained rows, with gradient) and
         # lm_head.bias, which the wrapper does not forward: give it the wrapped layer's (None for Llama-style heads).
         head.bias = head.original_module.bias
     return model
+
+
+def autocast_adapters(zero_stage: int | None, quantized: bool) -> bool:
+    """peft's `autocast_adapter_dtype`: whether LoRA adapters next to a bf16/fp16 base are upcast to fp32.
+
+    False under ZeRO-3 with a non-quantized base (TRL's own rule, sft_trainer.py, applied when TRL builds the peft
+    model; tunekit builds it, so it applies the rule here): ZeRO-3 all-gathers each module's persistent parameters
+    into one buffer of the first parameter's dtype, so fp32 adapters beside a bf16 base fail at the first step
+    (DeepSpeed#8072), and DeepSpeed's bf16 optimizer keeps fp32 master weights of them anyway. True otherwise: peft
+    builds fp32 adapters — what then trains is decided downstream: DDP keeps them fp32; under ZeRO 1/2 with bf16
+    DeepSpeed's engine casts them to bf16 beside an fp32 master copy; with a 4-bit base TRL casts trainable
+    parameters to bf16 (estimate.memory.adapter_bytes counts each case). With an fp32 base all give fp32 adapters.
+    """
+    return not (zero_stage == 3 and not quantized)
 
 
 def trainable_tokens(model, token_ids: list[int]) -> dict[str, list[int]] | None:

@@ -8,6 +8,7 @@ One module per concern, each a set of plain functions:
   job.py         estimate(config): a RunConfig mapped onto the three above, for its method and the other two
   formatting.py  format_estimate and advice: one screen of text
   preflight.py   preflight_check, which `tunekit train` calls before loading anything, and the hardware probe
+                 (the real GPU and WORLD_SIZE; `machine` is its pure core)
 `recommend.py` reuses memory_bytes, min_gpus and training_flops with a shape guessed from a parameter count, so both
 commands share one byte model. The names below are the package's public surface (`from tunekit.estimate import X`).
 """
@@ -39,14 +40,18 @@ from tunekit.estimate.memory import (
     CPU_RUNTIME_BYTES,
     CUDA_CONTEXT_BYTES,
     DTYPE_BYTES,
+    FUSED_HEAD_TOKEN_CHUNK,
+    FUSED_HEAD_VOCAB_CHUNK,
     GB,
     PRECISION_BYTES,
     ZERO3_GATHER_FACTOR,
     activation_bytes,
+    adapter_bytes,
+    lm_head_bytes,
     memory_bytes,
     min_gpus,
 )
-from tunekit.estimate.preflight import preflight_check, probe_hardware
+from tunekit.estimate.preflight import Machine, machine, preflight_check, probe_hardware
 from tunekit.estimate.shapes import (
     HUB_IDS,
     MODEL_CONFIG_DIR,
@@ -61,11 +66,12 @@ from tunekit.estimate.shapes import (
 __all__ = [
     "ADAM_BYTES_PER_PARAM", "ALLOCATOR_FRAGMENTATION", "BYTES_PER_PARAM_ADAPTER", "BYTES_PER_PARAM_BF16",
     "BYTES_PER_PARAM_FP32", "BYTES_PER_PARAM_GRAD", "BYTES_PER_PARAM_MASTER", "BYTES_PER_PARAM_NF4",
-    "BYTES_PER_PARAM_NF4_CONSTANTS", "BYTES_PER_PARAM_NF4_CONSTANTS_DOUBLE_QUANT", "BYTES_PER_PARAM_QLORA_UNQUANTIZED",
-    "CPU_RUNTIME_BYTES", "CUDA_CONTEXT_BYTES", "DEFAULT_MFU", "DEFAULT_USD_PER_GPU_HOUR", "DTYPE_BYTES", "GB",
-    "HUB_IDS", "MODEL_CONFIG_DIR", "PEAK_TFLOPS_A100_BF16", "PRECISION_BYTES", "QLORA_THROUGHPUT_FACTOR",
-    "SHIPPED_PREFIX", "ZERO3_GATHER_FACTOR", "activation_bytes", "advice", "config_shape", "count_examples",
-    "count_params", "estimate", "format_estimate", "lora_settings", "memory_bytes", "min_gpus", "preflight_check",
-    "probe_hardware", "resolve_model_config", "shape_source", "shipped_model_configs", "shipped_name",
-    "training_flops", "training_hours", "training_tokens",
+    "BYTES_PER_PARAM_NF4_CONSTANTS", "BYTES_PER_PARAM_NF4_CONSTANTS_DOUBLE_QUANT",
+    "BYTES_PER_PARAM_QLORA_UNQUANTIZED", "CPU_RUNTIME_BYTES", "CUDA_CONTEXT_BYTES", "DEFAULT_MFU",
+    "DEFAULT_USD_PER_GPU_HOUR", "DTYPE_BYTES", "FUSED_HEAD_TOKEN_CHUNK", "FUSED_HEAD_VOCAB_CHUNK", "GB", "HUB_IDS",
+    "MODEL_CONFIG_DIR", "Machine", "PEAK_TFLOPS_A100_BF16", "PRECISION_BYTES", "QLORA_THROUGHPUT_FACTOR",
+    "SHIPPED_PREFIX", "ZERO3_GATHER_FACTOR", "activation_bytes", "adapter_bytes", "advice", "config_shape",
+    "count_examples", "count_params", "estimate", "format_estimate", "lm_head_bytes", "lora_settings", "machine",
+    "memory_bytes", "min_gpus", "preflight_check", "probe_hardware", "resolve_model_config", "shape_source",
+    "shipped_model_configs", "shipped_name", "training_flops", "training_hours", "training_tokens",
 ]

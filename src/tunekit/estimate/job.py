@@ -69,6 +69,7 @@ def _settings(config: RunConfig, method: str, device: str) -> dict[str, Any]:
         "micro_batch": t.per_device_train_batch_size, "seq_len": config.data.max_seq_len,
         "gradient_checkpointing": t.gradient_checkpointing, "lora_dropout": lora_settings(config).dropout,
         "double_quant": qlora.double_quant, "attn_implementation": config.model.attn_implementation,
+        "deepspeed": ds is not None,
     }
 
 
@@ -136,7 +137,7 @@ def estimate(config: RunConfig, gpus: int | None = None, gpu_memory_gb: float | 
             needed_gpus = min_gpus(shapes[method], memory, **alt_settings)
             if needed_gpus is None and method == "lora" and alt_settings["zero_stage"] < 3:
                 # Replicas cannot fit a base that one GPU cannot hold; ZeRO-3 can shard it.
-                alt_settings["zero_stage"] = 3
+                alt_settings["zero_stage"], alt_settings["deepspeed"] = 3, True
                 needed_gpus = min_gpus(shapes[method], memory, **alt_settings)
         alternatives[method] = {
             "per_device_total": alt["per_device"]["total"],

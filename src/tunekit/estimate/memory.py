@@ -40,12 +40,34 @@ ADAM_BYTES_PER_PARAM = {
     "adamw_8bit": 2 * 1,
     "paged_adamw_8bit": 2 * 1,
 }
-# peft upcasts LoRA A/B (and trainable token rows) to fp32 (get_peft_model's autocast_adapter_dtype=True), so the
-# adapter's weights are fp32 and need no separate master copy.
+# LoRA adapter weights without DeepSpeed: peft's get_peft_model upcasts LoRA A/B (and trainable token rows) to fp32
+# (autocast_adapter_dtype=True), so they are fp32 and need no separate master copy. QLoRA and DeepSpeed differ: see
+# adapter_bytes.
 BYTES_PER_PARAM_ADAPTER = BYTES_PER_PARAM_FP32
 # QLoRA: peft's prepare_model_for_kbit_training casts every parameter that is not 4-bit (embeddings, lm_head, norms)
-# to fp32. For Llama-3-8B that is 1.05B params: 4.2 GB, more than its 4-bit layers (3.6 GB).
+# to fp32. For Llama-3-8B that is 1.05B params: 4.2 GB, more than its 4-bit layers (3.6 GB). (DeepSpeed's bf16/fp16
+# engine casts them back to the compute dtype: see memory_bytes.)
 BYTES_PER_PARAM_QLORA_UNQUANTIZED = BYTES_PER_PARAM_FP32
+# Optimizers whose m and v take the parameter's own dtype (torch.optim.AdamW: zeros_like(param)); bitsandbytes'
+# 32-bit and 8-bit optimizers keep fp32 or uint8 states whatever the parameter's dtype.
+STATES_IN_PARAM_DTYPE = {"adamw_torch", "adamw_torch_fused"}
+
+# ---------------------------------------------------------------- the loss: TRL's fused LM head
+# TRL 1.16's SFTTrainer patches the model with a fused LM head (trl.trainer.utils.add_fused_lm_head, applied for
+# every model, on every device) and computes the loss from it unless label smoothing, a compute_loss_func or DeepSpeed
+# sequence parallelism asks for full logits (tunekit uses none of them). Its ChunkedLogProbFunction
+# (trl/kernels/chunked_logprob.py) projects the hidden states through lm_head one [4096 tokens x 32768 vocabulary]
+# tile at a time into a single reused buffer, folds each tile into per-token online-logsumexp statistics and keeps
+# only those; backward recomputes the tiles. The [tokens, vocab] logits never exist.
+FUSED_HEAD_TOKEN_CHUNK = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
+FUSED_HEAD_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
+# Without Triton (CPU) the tiles are folded by torch ops whose fp32 temporaries stay alive together: measured on CPU
+# (ru_maxrss, 2048 x 8192 tiles) 13.6 B per tile element beyond the tile in forward, 29.5 B in backward (y, z, log p,
+# p, the gradient and the is-target mask at once). On CUDA the Triton kernels work in registers: the tile only.
+FUSED_HEAD_TORCH_FOLD_BYTES = 30
+# Per-token fp32 vectors the fused head keeps (running max, sum of exp, target logit, entropy statistics, top-1 test:
+# seven in forward; log-normalizer and entropy saved for backward).
+FUSED_HEAD_TOKEN_STATS = 7
 
 # ---------------------------------------------------------------- overhead
 # CUDA context + cuBLAS/cuDNN workspaces: 0.5-1 GB per process on A100/H100 with torch 2.x.
@@ -61,8 +83,10 @@ ZERO3_GATHER_FACTOR = 2
 
 
 def activation_bytes(shape: dict, *, micro_batch: int, seq_len: int, act_bytes: int, gradient_checkpointing: bool,
-                     base_trains: bool, lora_input_bytes: float, eager_attention: bool) -> float:
-    """Bytes autograd keeps for backward, for one micro-batch of micro_batch x seq_len tokens (a decoder-only LM).
+                     base_trains: bool, lora_input_bytes: float, eager_attention: bool, fused_lm_head: bool = True,
+                     triton: bool = True, head_input_bytes: int | None = None) -> float:
+    """Bytes autograd keeps for backward, for one micro-batch of micro_batch x seq_len tokens (a decoder-only LM),
+    plus the loss head's working memory at its backward (when everything else is still held).
 
     Counted per token and layer from what each op saves (HF Llama-style layer, SDPA attention):
       two RMSNorm inputs, upcast to fp32 and saved by pow/mul                      8h
@@ -72,9 +96,8 @@ def activation_bytes(shape: dict, *, micro_batch: int, seq_len: int, act_bytes: 
         gradients, so only when the base trains (full FT)                            a(2h + q_dim + I)
       LoRA: lora_A's own copy of each adapted input (+1-byte dropout mask)           lora_input_bytes * sum(in)
       eager attention: the fp32 softmax and its compute-dtype copy                  (4 + a) * heads * seq_len
-    plus the head: the final norm's fp32 input, and the logits: compute-dtype logits, the loss's fp32 upcast and the
-    fp32 log-softmax (V x 10 bytes per token in bf16: 5.1 GB for 4096 tokens at Llama-3's 128K vocabulary).
-    Gradient checkpointing keeps only each layer's input (a*h per token) and recomputes one layer at a time.
+    plus the head (lm_head_bytes). Gradient checkpointing keeps only each layer's input (a*h per token) and
+    recomputes one layer at a time. fused_lm_head/triton/head_input_bytes: see lm_head_bytes.
     """
     h, n_layers, inter = shape["hidden_size"], shape["num_layers"], shape["intermediate_size"]
     q_dim = shape["num_attention_heads"] * shape["head_dim"]
@@ -87,30 +110,88 @@ def activation_bytes(shape: dict, *, micro_batch: int, seq_len: int, act_bytes: 
     lora = lora_input_bytes * shape["lora_input_features"] / n_layers
     eager = (BYTES_PER_PARAM_FP32 + act_bytes) * shape["num_attention_heads"] * seq_len if eager_attention else 0
     per_layer = tokens * (norms + attention + mlp + linear_inputs + lora + eager)
-    upcast = BYTES_PER_PARAM_FP32 if act_bytes < BYTES_PER_PARAM_FP32 else 0  # no copy when logits are already fp32
-    logits = tokens * shape["vocab_size"] * (act_bytes + upcast + BYTES_PER_PARAM_FP32)
-    head = tokens * (BYTES_PER_PARAM_FP32 * h + (act_bytes * h if base_trains else 0)) + logits
+    head = lm_head_bytes(shape, tokens=tokens, act_bytes=act_bytes, base_trains=base_trains,
+                         fused=fused_lm_head, triton=triton, head_input_bytes=head_input_bytes)
     if gradient_checkpointing:
         return n_layers * tokens * act_bytes * h + per_layer + head
     return n_layers * per_layer + head
+
+
+def lm_head_bytes(shape: dict, *, tokens: int, act_bytes: int, base_trains: bool, fused: bool = True,
+                  triton: bool = True, head_input_bytes: int | None = None) -> float:
+    """Bytes of the final norm, lm_head and loss for `tokens` tokens: what they save for backward plus their
+    working memory at its peak (the head's backward, when every other activation is still held).
+
+    Always: the final norm's fp32 input (4h per token), and its compute-dtype output when the norm's weight trains.
+    fused (TRL's fused LM head, see FUSED_HEAD_*): its own copy of the hidden states it projects (head_input_bytes*h
+    per token: the compute dtype, or fp32 for QLoRA, whose fp32 final norm weight promotes its output), the per-token
+    fp32 statistics, and in backward the fp32 hidden-state gradient (4h per token), the fp32 lm_head weight gradient
+    when the base trains (V*h*4), and ONE logits tile of min(tokens, 4096) x min(V, 32768) in the compute dtype
+    (+FUSED_HEAD_TORCH_FOLD_BYTES per element where `triton` is False: CPU). On CUDA only the labelled positions
+    are projected; all tokens are counted (packed rows are nearly all labelled).
+    not fused (a plain Trainer's loss): the lm_head input when it trains, and the full [tokens, V] logits: compute-
+    dtype logits, the loss's fp32 upcast and the fp32 log-softmax (10 bytes per vocabulary entry and token in bf16).
+    """
+    h, vocab = shape["hidden_size"], shape["vocab_size"]
+    norm = tokens * (BYTES_PER_PARAM_FP32 * h + (act_bytes * h if base_trains else 0))
+    if not fused:
+        upcast = BYTES_PER_PARAM_FP32 if act_bytes < BYTES_PER_PARAM_FP32 else 0  # no copy when already fp32
+        return norm + tokens * vocab * (act_bytes + upcast + BYTES_PER_PARAM_FP32)
+    head_input_bytes = head_input_bytes or act_bytes
+    saved = tokens * (head_input_bytes * h + FUSED_HEAD_TOKEN_STATS * BYTES_PER_PARAM_FP32)
+    tile = min(tokens, FUSED_HEAD_TOKEN_CHUNK) * min(vocab, FUSED_HEAD_VOCAB_CHUNK)
+    working = (tokens * BYTES_PER_PARAM_FP32 * h
+               + (vocab * h * BYTES_PER_PARAM_FP32 if base_trains else 0)
+               + tile * (act_bytes + (0 if triton else FUSED_HEAD_TORCH_FOLD_BYTES)))
+    return norm + saved + working
+
+
+def adapter_bytes(method: str, *, compute_bytes: int, deepspeed: bool, optim: str) -> dict[str, float]:
+    """Bytes per trainable adapter parameter (LoRA A/B, trainable token rows): {"weights", "gradients", "optimizer"}.
+
+    What the code does, by case:
+      DeepSpeed in bf16/fp16 (any stage): its engine casts every float parameter to the compute dtype (ZeRO-3: the
+        adapters are built in the base's dtype, autocast_adapter_dtype=False) and its optimizer keeps an fp32 master
+        copy and fp32 gradients; Adam's states live on the fp32 master.
+      QLoRA without DeepSpeed: TRL's SFTTrainer casts every trainable parameter of a 4-bit model to bf16 (also when
+        the PeftModel was built by tunekit: `is_loaded_in_4bit` reaches the base through peft's getattr), so weights
+        and gradients are 2 B; torch's AdamW keeps m and v in the parameter's dtype, bitsandbytes' do not.
+      LoRA without DeepSpeed (or DeepSpeed in fp32): peft's fp32 adapters, fp32 gradients and states, no master.
+    """
+    mixed = compute_bytes < BYTES_PER_PARAM_FP32
+    fp32_adam = ADAM_BYTES_PER_PARAM[optim]
+    if deepspeed and mixed:
+        return {"weights": compute_bytes, "gradients": BYTES_PER_PARAM_GRAD,
+                "optimizer": fp32_adam + BYTES_PER_PARAM_MASTER}
+    if method == "qlora":
+        states = fp32_adam
+        if optim in STATES_IN_PARAM_DTYPE:  # m and v in bf16, like the parameter
+            states = fp32_adam * BYTES_PER_PARAM_BF16 / BYTES_PER_PARAM_FP32
+        return {"weights": BYTES_PER_PARAM_BF16, "gradients": BYTES_PER_PARAM_BF16, "optimizer": states}
+    return {"weights": BYTES_PER_PARAM_ADAPTER, "gradients": BYTES_PER_PARAM_FP32, "optimizer": fp32_adam}
 
 
 def memory_bytes(shape: dict, *, method: str, gpus: int = 1, device: str = "cuda", precision: str = "bf16",
                  base_dtype_bytes: int | None = None, optim: str = "adamw_torch", zero_stage: int = 0,
                  offload_optimizer: bool = False, offload_param: bool = False, micro_batch: int = 1,
                  seq_len: int = 2048, gradient_checkpointing: bool = False, lora_dropout: float = 0.0,
-                 double_quant: bool = True, attn_implementation: str | None = "sdpa") -> dict[str, Any]:
+                 double_quant: bool = True, attn_implementation: str | None = "sdpa", deepspeed: bool | None = None,
+                 fused_lm_head: bool = True) -> dict[str, Any]:
     """Memory of one training run, by bucket: {"per_device": {...}, "job": {...}, "cpu_offload": bytes}.
 
     Buckets: weights, gradients, optimizer (Adam m/v + fp32 master), activations, overhead, total. "per_device" is
     one GPU (or process); "job" sums all `gpus` of them (a sharded bucket counts once, a replicated one `gpus` times).
     ZeRO shards the optimizer from stage 1, gradients from stage 2, weights at stage 3; stage 0 is plain data
     parallelism (every GPU holds everything). Offloaded buckets move to "cpu_offload" (host memory).
+    deepspeed: whether DeepSpeed runs (None: when zero_stage > 0; a full run always has it). fused_lm_head: TRL's
+    chunked loss (True, what tunekit's SFTTrainer runs) or full logits (see lm_head_bytes).
     """
     compute_bytes = PRECISION_BYTES[precision]
     mixed = compute_bytes < BYTES_PER_PARAM_FP32
+    deepspeed = zero_stage > 0 if deepspeed is None else deepspeed
     adam = ADAM_BYTES_PER_PARAM[optim]
     n_params, n_trainable = shape["params"], shape["trainable_params"]
+    head_input_bytes = compute_bytes
     if method == "full":
         weights = n_params * compute_bytes
         gradients = n_params * BYTES_PER_PARAM_GRAD
@@ -119,13 +200,18 @@ def memory_bytes(shape: dict, *, method: str, gpus: int = 1, device: str = "cuda
         if method == "qlora":
             quantized = shape["linear_params"]
             constants = BYTES_PER_PARAM_NF4_CONSTANTS_DOUBLE_QUANT if double_quant else BYTES_PER_PARAM_NF4_CONSTANTS
-            unquantized = n_params - quantized  # embeddings, lm_head, norms
-            base = quantized * (BYTES_PER_PARAM_NF4 + constants) + unquantized * BYTES_PER_PARAM_QLORA_UNQUANTIZED
+            # Embeddings, lm_head, norms: fp32 after prepare_model_for_kbit_training, unless DeepSpeed's bf16/fp16
+            # engine casts them back. An fp32 final norm promotes its output, the fused head's input, to fp32.
+            unquantized_bytes = compute_bytes if deepspeed and mixed else BYTES_PER_PARAM_QLORA_UNQUANTIZED
+            head_input_bytes = unquantized_bytes
+            base = (quantized * (BYTES_PER_PARAM_NF4 + constants)
+                    + (n_params - quantized) * unquantized_bytes)
         else:
             base = n_params * (base_dtype_bytes or compute_bytes)
-        weights = base + n_trainable * BYTES_PER_PARAM_ADAPTER
-        gradients = n_trainable * BYTES_PER_PARAM_GRAD
-        optimizer = n_trainable * adam  # the adapter is already fp32: no master copy
+        adapter = adapter_bytes(method, compute_bytes=compute_bytes, deepspeed=deepspeed, optim=optim)
+        weights = base + n_trainable * adapter["weights"]
+        gradients = n_trainable * adapter["gradients"]
+        optimizer = n_trainable * adapter["optimizer"]
 
     shard = {"weights": zero_stage >= 3, "gradients": zero_stage >= 2, "optimizer": zero_stage >= 1}
     job = {"weights": weights, "gradients": gradients, "optimizer": optimizer}
@@ -137,15 +223,18 @@ def memory_bytes(shape: dict, *, method: str, gpus: int = 1, device: str = "cuda
             cpu_offload += job[key]
             per_device[key] = job[key] = 0.0
 
-    # peft casts each adapted input to the fp32 adapter dtype, applies dropout, and lora_A saves its input: a new
-    # tensor whenever the cast or dropout made one (re-cast to bf16 under autocast), plus dropout's 1-byte mask.
+    # peft casts each adapted input to the adapter's dtype and applies dropout; lora_A saves its input: a new tensor
+    # whenever the cast or dropout made one (re-cast to the compute dtype under autocast), plus dropout's 1-byte mask.
     lora_input_bytes = 0.0
-    if method != "full" and (mixed or lora_dropout > 0):
-        lora_input_bytes = compute_bytes + (1 if lora_dropout > 0 else 0)
+    if method != "full":
+        adapter_dtype_bytes = adapter["weights"]
+        if lora_dropout > 0 or adapter_dtype_bytes != compute_bytes:
+            lora_input_bytes = (compute_bytes if mixed else adapter_dtype_bytes) + (1 if lora_dropout > 0 else 0)
     per_device["activations"] = activation_bytes(
         shape, micro_batch=micro_batch, seq_len=seq_len, act_bytes=compute_bytes,
         gradient_checkpointing=gradient_checkpointing, base_trains=method == "full",
         lora_input_bytes=lora_input_bytes, eager_attention=attn_implementation == "eager",
+        fused_lm_head=fused_lm_head, triton=device == "cuda", head_input_bytes=head_input_bytes,
     )
     tensors = sum(per_device.values())
     gather = ZERO3_GATHER_FACTOR * shape["largest_module_params"] * compute_bytes if zero_stage >= 3 and gpus > 1 else 0

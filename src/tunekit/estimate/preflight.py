@@ -1,8 +1,16 @@
-"""Before training: probe this machine (GPUs and their memory, or host RAM) and refuse a run that cannot fit."""
+"""Before training: probe this machine (its GPU and the job's process count, or host RAM) and refuse a run that
+cannot fit.
+
+The pre-flight checks the run that is about to start, so it uses what is really here: the memory of this process's
+GPU and the launcher's WORLD_SIZE. The config's preflight.gpus / preflight.gpu_memory_gb are for planning with
+`tunekit estimate` only: a config written for 8 GPUs, or pinned to 24 GB, must not change the verdict on the
+machine that actually runs it.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from tunekit.config import RunConfig
@@ -12,18 +20,30 @@ from tunekit.estimate.job import estimate
 from tunekit.estimate.memory import GB
 
 
-def preflight_check(config: RunConfig, device: str = "cuda", force: bool = False, **estimate_kwargs: Any) -> dict:
+@dataclass(frozen=True)
+class Machine:
+    """What the run will train on: device "cuda" or "cpu", processes (GPUs) in the job, and GB per GPU (CUDA) or of
+    host RAM shared by the processes (CPU)."""
+
+    device: str
+    processes: int
+    memory_gb: float
+
+
+def preflight_check(config: RunConfig, device: str = "cuda", force: bool = False, machine: Machine | None = None,
+                    **estimate_kwargs: Any) -> dict:
     """Estimate the run for this machine; raise UserError when it cannot fit (unless `force` or the config allows it).
 
-    The machine comes from probe_hardware; on CPU the processes share host RAM, so the job's total is compared with
-    the machine's physical memory. Returns the estimate (print it with format_estimate).
+    machine: what the run trains on (default: probe_hardware(device)). On CPU the processes share host RAM, so the
+    job's total is compared with the machine's physical memory. Returns the estimate (print it with format_estimate).
     """
-    device, gpus, memory_gb = probe_hardware(config, device)
-    result = estimate(config, gpus=gpus, gpu_memory_gb=memory_gb, device=device, **estimate_kwargs)
+    machine = machine or probe_hardware(device)
+    result = estimate(config, gpus=machine.processes, gpu_memory_gb=machine.memory_gb, device=machine.device,
+                      **estimate_kwargs)
     if not result["fits"] and config.preflight.refuse_if_too_big and not force:
         have = gb(result["gpu_memory_bytes"])
         need = gb(result["needed_bytes"])
-        where = f"{need} of host RAM (have {have})" if device == "cpu" else (
+        where = f"{need} of host RAM (have {have})" if machine.device == "cpu" else (
             f"{need} per GPU ({result['gpus']} GPU(s) of {have})")
         tips = "; ".join(advice(result)) or "use a smaller model"
         raise UserError(f"the estimate says this {config.method} run needs {where}: {tips} "
@@ -31,23 +51,33 @@ def preflight_check(config: RunConfig, device: str = "cuda", force: bool = False
     return result
 
 
-def probe_hardware(config: RunConfig, device: str = "cuda") -> tuple[str, int, float]:
-    """(device, GPUs or processes, GB: per GPU, or the host RAM they share) here; "cuda" falls back to "cpu".
-
-    CUDA: preflight.gpus, else WORLD_SIZE, else the visible GPUs; the first one's memory (or preflight.gpu_memory_gb).
-    CPU: preflight.gpus or WORLD_SIZE processes (else 1), sharing the machine's physical memory.
-    """
-    # Under a launcher (torchrun, accelerate, deepspeed) WORLD_SIZE is the number of processes actually started.
-    world_size = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE") else None
-    gpus, memory_gb = config.preflight.gpus or world_size, config.preflight.gpu_memory_gb
+def probe_hardware(device: str = "cuda") -> Machine:
+    """This machine as the run about to start sees it (see machine); "cuda" falls back to "cpu" without a GPU."""
+    cuda = device_memory_gb = None
     if device == "cuda":
         import torch
 
-        if torch.cuda.is_available():
-            memory_gb = memory_gb or torch.cuda.get_device_properties(0).total_memory / GB
-            return device, gpus or torch.cuda.device_count(), memory_gb
-        device = "cpu"  # no GPU visible: the run will train on CPU
-    return device, gpus or 1, _host_memory_bytes() / GB
+        cuda = torch.cuda.is_available()
+        if cuda:
+            # The GPU this process will train on: LOCAL_RANK's under a launcher (the Trainer picks it the same way).
+            index = int(os.environ.get("LOCAL_RANK") or 0) % torch.cuda.device_count()
+            device_memory_gb = torch.cuda.get_device_properties(index).total_memory / GB
+    return machine(cuda_available=bool(cuda), device_memory_gb=device_memory_gb,
+                   world_size=os.environ.get("WORLD_SIZE"), host_memory_gb=_host_memory_bytes() / GB)
+
+
+def machine(*, cuda_available: bool, device_memory_gb: float | None, world_size: str | int | None,
+            host_memory_gb: float) -> Machine:
+    """The Machine a run trains on, from explicit probe results (pure: the seam tests drive).
+
+    Processes: WORLD_SIZE, the number of processes a launcher (torchrun, accelerate, deepspeed) actually started,
+    all nodes together; without a launcher one (a plain `tunekit train` trains on one GPU, or one CPU process).
+    Memory: the training GPU's total memory, or without CUDA the host RAM all processes share.
+    """
+    processes = int(world_size) if world_size else 1
+    if cuda_available:
+        return Machine("cuda", processes, float(device_memory_gb))
+    return Machine("cpu", processes, host_memory_gb)
 
 
 def _host_memory_bytes() -> float:
