@@ -164,6 +164,17 @@ def test_full_zero3_two_processes_shards_learns_and_saves_a_loadable_model(tmp_p
     # The task metric and the forgetting monitor ran under ZeRO-3 (generation on sharded weights, both ranks).
     assert summary["task_metric_before"] is not None and summary["task_metric_after"] is not None
     assert summary["general_loss_base"] is not None
+    # After training the weights are gathered once (engine hooks off) and the prompts split across the 2 ranks: the
+    # score equals the saved model's, scored in this single process on the same 8 prompts.
+    from transformers import AutoTokenizer
+
+    from tunekit.data import eval_pair, read_rows
+    from tunekit.evaluate import exact_match
+
+    tokenizer = AutoTokenizer.from_pretrained(run / "final")
+    pairs = [eval_pair(row, "alpaca", tokenizer) for row in read_rows(str(demo_data["eval"]), "alpaca")][:8]
+    trained = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert exact_match(trained, tokenizer, pairs, max_new_tokens=4, batch_size=8) == summary["task_metric_after"]
 
     # Sharded: rank 0 held ~half of every weight while training (padding makes it a little more than 1/2)...
     assert 0.5 <= summary["zero3_local_param_fraction"] < 0.55

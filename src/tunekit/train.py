@@ -44,12 +44,12 @@ def train(config: RunConfig, overwrite: bool = False, resume: str | None = None,
     if args.process_index == 0:
         rundir.create(config, resolve_settings(config, args, model), overwrite, resume)
     check_shared_output_dir(config.output_dir)  # every rank sees rank 0's output_dir, or every rank refuses
-    metric_before = task_metric(model, tokenizer, data, config)
+    metric_before = task_metric(model, tokenizer, data, config)  # base weights, before any DeepSpeed engine
     trainer = build_trainer(config, args, model, tokenizer, data, checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
     final_dir = save_final(trainer, tokenizer, config)
     eval_loss = trainer.evaluate()["eval_loss"] if data.eval is not None else None
-    metric_after = task_metric(model, tokenizer, data, config)
+    metric_after = task_metric(model, tokenizer, data, config, engine=trainer.model_wrapped)
     summary = summarize(config, trainer, data, preflight, metric_before, metric_after, eval_loss, started, final_dir)
     if trainer.is_world_process_zero():
         rundir.write_json(Path(config.output_dir) / "summary.json", summary)
@@ -85,13 +85,14 @@ def run_preflight(config: RunConfig, force: bool) -> dict:
     return result
 
 
-def task_metric(model, tokenizer, data, config: RunConfig) -> float | None:
-    """Held-out generation metric (exact match) or None when the config turns it off or there are no prompts."""
+def task_metric(model, tokenizer, data, config: RunConfig, engine=None) -> float | None:
+    """Held-out generation metric (exact match) or None when the config turns it off or there are no prompts.
+    engine: the trained DeepSpeed engine (trainer.model_wrapped), so ZeRO-3 gathers the weights once, not per step."""
     if config.eval.task_metric == "none" or not data.eval_pairs:
         return None
     from tunekit.evaluate import exact_match
 
-    with full_weights(model):  # ZeRO-3: every rank generates, on gathered weights
+    with full_weights(model, engine):  # ZeRO-3: every rank generates its share, on weights gathered once
         return exact_match(model, tokenizer, data.eval_pairs, max_new_tokens=config.eval.max_new_tokens,
                            batch_size=config.training.per_device_eval_batch_size)
 
