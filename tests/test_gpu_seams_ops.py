@@ -105,6 +105,7 @@ for case, output_dir in (("shared", sys.argv[1]), ("not_shared", sys.argv[2 + ra
     except UserError as exc:
         results[case] = str(exc)
     results[case + "_files"] = sorted(os.listdir(output_dir))
+dist.barrier()  # gloo aborts ('terminate called without an active exception') if a peer leaves first
 dist.destroy_process_group()
 print(json.dumps(results))
 """
