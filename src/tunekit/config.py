@@ -473,7 +473,8 @@ def _describe(exc: ValidationError, origins: dict[tuple, str], model: type[RunCo
         if "input" in error and not isinstance(error["input"], (dict, list)):
             message += f" (got {error['input']!r})"
         named, _, rest = message.partition(": ")
-        if rest and DOTTED_KEY.match(named) and "." in named or not loc and rest:
+        names_a_dotted_key = bool(rest) and DOTTED_KEY.match(named) is not None and "." in named
+        if names_a_dotted_key or (not loc and rest):
             # rules spanning several keys name the key they blame first: "deepspeed.stage: ..."
             key, message = named, rest
             where = _origin(tuple(int(p) if p.isdigit() else p for p in key.split(".")), origins)
