@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunekit.config import RunConfig, SourceConfig, looks_local
-from tunekit.errors import UserError
+from tunekit.errors import UserError, first_line
 from tunekit.rundir import write_text_atomically
 
 IGNORE_INDEX = -100  # label value that the loss skips
@@ -165,7 +165,7 @@ def _read_parquet(path: str) -> tuple[list, Callable[[int], str]]:
     try:
         rows = datasets.load_dataset("parquet", data_files=path, split="train").to_list()
     except Exception as exc:  # pyarrow and datasets raise many types; the user needs one line
-        raise UserError(f"{path}: cannot read parquet file: {_first_line(exc)}") from None
+        raise UserError(f"{path}: cannot read parquet file: {first_line(exc, with_type=False)}") from None
     return rows, lambda i: f"{path} row {i + 1}"
 
 
@@ -175,11 +175,7 @@ def _read_hub(name: str, split: str) -> list[dict]:
     try:
         return datasets.load_dataset(name, split=split).to_list()
     except Exception as exc:  # the hub client raises many types; the user needs one line
-        raise UserError(f"{name}: could not load dataset (split {split}): {_first_line(exc)}") from None
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{name}: could not load dataset (split {split}): {first_line(exc, with_type=False)}") from None
 
 
 def _not_utf8(path: str) -> UserError:
@@ -279,7 +275,7 @@ def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
             return tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as exc:  # a template's raise_exception (e.g. roles must alternate): the user's data, one line
             raise UserError(f"data: the chat template of {tokenizer.name_or_path} refuses a conversation starting "
-                            f"{json.dumps(messages[0]['content'][:40])}: {_first_line(exc)}") from None
+                            f"{json.dumps(messages[0]['content'][:40])}: {first_line(exc, with_type=False)}") from None
 
     pieces: list[tuple[str, bool]] = []
     done = ""  # text already assigned to pieces

@@ -19,6 +19,12 @@ from tunekit.errors import UserError
 SHARED_TOKEN_PREFIX = ".tunekit_shared_check."  # + a fresh id: a new name, so no node can have it cached as absent
 
 
+def is_rank_zero() -> bool:
+    """True on the job's first process, from the launcher's RANK (True without a launcher). Usable before any
+    process group exists: for messages printed once per job, not per rank."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def is_distributed() -> bool:
     """True inside an initialized process group of more than one process."""
     import torch.distributed as dist

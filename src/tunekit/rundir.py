@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tunekit import config as config_mod
 from tunekit.config import RunConfig
-from tunekit.errors import UserError
+from tunekit.errors import UserError, first_line
 
 RESOLVED_NAME = "resolved.json"
 # Distributions whose versions decide what a run did (numerics, defaults, file formats), in resolved.json.
@@ -72,7 +72,7 @@ def read_resolved(run_dir: str | os.PathLike) -> Resolved | None:
     try:
         return Resolved.model_validate_json(path.read_text(encoding="utf-8"))
     except (ValidationError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not a valid tunekit record ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{path}: not a valid tunekit record ({first_line(exc)})") from None
 
 
 def check_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> None:
@@ -126,7 +126,7 @@ def load_run(run_dir: str | os.PathLike) -> tuple[RunConfig, dict[str, Any]]:
         config = config_mod.load(config_file, check_paths=False, saved_by_tunekit=True)
         summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
     except (ValueError, OSError) as exc:  # JSON/UTF-8 errors are ValueErrors
-        raise UserError(f"{summary_file}: unreadable run summary: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{summary_file}: unreadable run summary: {first_line(exc)}") from None
     if not isinstance(summary, dict):
         raise UserError(f"{summary_file}: not a tunekit run summary (expected a JSON object)")
     return config, summary

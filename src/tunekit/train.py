@@ -20,7 +20,7 @@ from tunekit.backends.common import (check_launch, count_params, full_weights, k
 from tunekit.callbacks import TunekitTrainer, build_callbacks, peak_memory_bytes
 from tunekit.config import RunConfig
 from tunekit.data import prepare_data, read_rows
-from tunekit.distributed import check_shared_output_dir
+from tunekit.distributed import check_shared_output_dir, is_rank_zero
 from tunekit.errors import UserError
 
 # method -> function(config, tokenizer) -> model ready to train. QLoRA is LoRA with a 4-bit base.
@@ -80,7 +80,7 @@ def run_preflight(config: RunConfig, force: bool) -> dict:
     from tunekit.estimate import format_estimate, preflight_check
 
     result = preflight_check(config, device="cuda" if on_gpu() else "cpu", force=force)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_rank_zero():
         print(format_estimate(result))
     return result
 

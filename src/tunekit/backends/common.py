@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from tunekit.config import RunConfig
+from tunekit.distributed import is_rank_zero
 from tunekit.errors import UserError, first_line
 
 
@@ -54,7 +55,7 @@ def load_dtype(method: str, model_dtype: str, mode: str, deepspeed: bool) -> tor
     """dtype from_pretrained loads the weights in, from the method, model.dtype, the resolved precision `mode` and
     whether DeepSpeed runs.
 
-    LoRA/QLoRA: the frozen base sits in bf16 when training in bf16 (the adapters' dtype is `lora.adapter_dtype`'s).
+    LoRA/QLoRA: the frozen base sits in bf16 when training in bf16 (the adapters' dtype: `lora.autocast_adapters`).
     Full FT under DeepSpeed in half precision: the engine casts every weight to that precision before it builds the
     optimizer, whose fp32 master copy is made from those half-precision values (ZeRO 1/2: the optimizer's fp32
     partitions; ZeRO-3: zero.Init already stores the shards in the config's dtype). Loading fp32 first would only
@@ -164,7 +165,7 @@ def attention_for(config: RunConfig) -> AttentionChoice:
 
 
 def gpu_memory_bytes() -> int:
-    """Total memory of this process's GPU."""
+    """Total memory of this process's GPU (cuda:LOCAL_RANK, the device the Trainer and `device_map` use)."""
     return torch.cuda.get_device_properties(local_rank()).total_memory
 
 
@@ -212,7 +213,7 @@ def from_pretrained(config: RunConfig, **extra: Any):
     attention = attention_for(config)
     if attention.refusal:
         raise UserError(attention.refusal)
-    if attention.warning and int(os.environ.get("RANK", "0")) == 0:
+    if attention.warning and is_rank_zero():
         print(f"warning: {attention.warning}", file=sys.stderr)
     try:
         return AutoModelForCausalLM.from_pretrained(config.model.name_or_path,

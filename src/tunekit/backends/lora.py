@@ -10,7 +10,7 @@ import torch
 
 from tunekit.backends.common import from_pretrained, resize_for_new_tokens, zero_stage
 from tunekit.config import LoraRunConfig, QloraRunConfig, RunConfig
-from tunekit.errors import UserError
+from tunekit.errors import UserError, first_line
 
 
 def build_model(config: LoraRunConfig, tokenizer):
@@ -99,7 +99,7 @@ def quantization_config(config: QloraRunConfig):
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except Exception as exc:  # ImportError, or a broken native library
-        raise UserError(f"method: qlora needs bitsandbytes, which cannot load here: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"method: qlora needs bitsandbytes, which cannot load here: {first_line(exc)}") from None
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=config.qlora.quant_type,

@@ -59,9 +59,9 @@ def probe_hardware(device: str = "cuda") -> Machine:
 
         cuda = torch.cuda.is_available()
         if cuda:
-            # The GPU this process will train on: LOCAL_RANK's under a launcher (the Trainer picks it the same way).
-            index = int(os.environ.get("LOCAL_RANK") or 0) % torch.cuda.device_count()
-            device_memory_gb = torch.cuda.get_device_properties(index).total_memory / GB
+            from tunekit.backends.common import gpu_memory_bytes  # the GPU this process trains on (LOCAL_RANK's)
+
+            device_memory_gb = gpu_memory_bytes() / GB
     return machine(cuda_available=bool(cuda), device_memory_gb=device_memory_gb,
                    world_size=os.environ.get("WORLD_SIZE"), host_memory_gb=_host_memory_bytes() / GB)
 
