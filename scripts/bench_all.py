@@ -4,8 +4,8 @@ bench/results.md (with the machine's description). What each section measures: d
     python scripts/bench_all.py [--only trl,packing,estimate,flops] [--repeats N] [--threads T] [--workdir DIR]
 
 Each section is also a script of its own (scripts/bench_trl.py, bench_packing.py, bench_estimate.py,
-bench_flops.py). Every training run is a child process measured from outside (scripts/bench_common.py); the
-sections run one after another so that no two runs share the cores. ~8-10 minutes on 2 busy cores.
+bench_flops.py, bench_data.py). Every training run is a child process measured from outside (scripts/bench_common.py); the
+sections run one after another so that no two runs share the cores. ~25 minutes on 2 busy cores (the data section ~15).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import bench_data
 import bench_estimate
 import bench_flops
 import bench_packing
@@ -26,6 +27,7 @@ SECTIONS = {
     "packing": (bench_packing, bench_packing.DEFAULT_REPEATS),
     "estimate": (bench_estimate, bench_estimate.DEFAULT_REPEATS),
     "flops": (bench_flops, bench_flops.DEFAULT_REPEATS),
+    "data": (bench_data, bench_data.DEFAULT_REPEATS),  # ~15 min: a 200k-row cold preparation, four ways
 }
 RESULTS = ROOT / "bench" / "results.md"
 

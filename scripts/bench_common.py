@@ -53,6 +53,7 @@ class ChildRun:
     wall_s: float  # child start -> exit
     first_step_s: float | None  # child start -> first Trainer log line
     peak_rss_bytes: int  # largest resident set of the child or any waited-for descendant
+    cpu_s: float = 0.0  # user + system CPU seconds of the child and its waited-for descendants
     logs: list[dict] = field(default_factory=list)  # Trainer log dicts, in order, values converted to numbers
     log_path: Path | None = None
 
@@ -127,8 +128,8 @@ def run_child(cmd: list[str], env: dict[str, str], log_path: Path, timeout_s: fl
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
     reader.join()
-    run = ChildRun(proc.returncode, wall, first_step[0] if first_step else None, usage.ru_maxrss * 1024, logs,
-                   log_path)
+    run = ChildRun(proc.returncode, wall, first_step[0] if first_step else None, usage.ru_maxrss * 1024,
+                   usage.ru_utime + usage.ru_stime, logs, log_path)
     if run.returncode != 0:
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-25:])
         raise RuntimeError(f"{' '.join(cmd)} exited {run.returncode} (log {log_path}):\n{tail}")

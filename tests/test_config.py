@@ -34,10 +34,27 @@ data:
 """
 
 
+def test_lora_targets_and_attention_values(tmp_path):
+    listed = config_mod.load(write_config(tmp_path, GOOD + "lora:\n  target_modules: [c_attn, c_proj]\n"))
+    assert listed.lora.target_modules == ["c_attn", "c_proj"] and listed.lora.describe_targets() == "c_attn, c_proj"
+    with pytest.raises(UserError, match=r"lora.target_modules: an empty list adapts nothing"):
+        config_mod.load(write_config(tmp_path, GOOD + "lora:\n  target_modules: []\n"))
+    old = config_mod.load(write_config(tmp_path, GOOD.replace("  name_or_path:", "  attn_implementation: null\n"
+                                                                              "  name_or_path:")))
+    assert old.model.attn_implementation == "auto"  # null meant "transformers' default" before auto existed
+    # Where a key was written is kept for checks that run later, and is not part of the config's value.
+    path = write_config(tmp_path, GOOD)
+    config = config_mod.load(path, ["data.packing=true"])
+    assert config_mod.where(config, "model.name_or_path") == f"{path}:4: model.name_or_path"
+    assert config_mod.where(config, "data.packing") == "--set data.packing=true: data.packing"
+    assert config == config_mod.parse(config.model_dump(mode="json"))
+
+
 def test_defaults_follow_the_seeds(tmp_path):
     cfg = config_mod.load(write_config(tmp_path, GOOD))
     assert cfg.lora.r == 16 and cfg.lora.lora_alpha == 32 and cfg.lora.dropout == 0.05
-    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert cfg.lora.target_modules == "all-linear" and cfg.lora.all_linear  # peft's meaning: every family's names
+    assert cfg.model.attn_implementation == "auto"  # transformers' choice for the architecture
     assert cfg.learning_rate == 2e-4
     assert cfg.training.lr_scheduler_type == "cosine" and cfg.training.warmup_ratio == 0.03
     assert cfg.model.trust_remote_code is False

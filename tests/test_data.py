@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tunekit import data
+from tunekit import data, prepare
 from tunekit.config import RunConfig
 from tunekit.errors import UserError
 
@@ -16,12 +16,13 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-def make_config(tiny_base, tmp_path, sources, **data_fields) -> RunConfig:
+def make_config(tiny_base, tmp_path, sources, training=None, **data_fields) -> RunConfig:
     return RunConfig.model_validate({
         "method": "lora",
         "output_dir": str(tmp_path / "out"),
         "model": {"name_or_path": str(tiny_base)},
         "data": {"sources": sources, "cache_dir": str(tmp_path / "cache"), **data_fields},
+        **({"training": training} if training else {}),
     })
 
 
@@ -82,7 +83,7 @@ def test_truncation_is_counted_and_fully_truncated_examples_are_dropped(tiny_bas
     path = write_jsonl(tmp_path / "pc.jsonl", rows)
     cfg = make_config(tiny_base, tmp_path, [{"path": str(path), "format": "prompt_completion"}],
                       max_seq_len=16, eval_fraction=0)
-    prepared = data.prepare_data(cfg, tokenizer)
+    prepared = prepare.prepare_data(cfg, tokenizer)
     stats = prepared.stats[str(path)]
     assert stats["truncated"] == 1 and stats["tokens_cut"] > 0 and stats["dropped_no_loss_tokens"] == 1
     assert len(prepared.train) == 1 and all(len(ids) <= 16 for ids in prepared.train["input_ids"])
@@ -95,7 +96,7 @@ def test_mixing_follows_the_weights(tiny_base, tmp_path, tokenizer):
         {"path": str(task), "format": "prompt_completion", "weight": 0.95},
         {"path": str(general), "format": "text", "weight": 0.05},  # the seeds' "mix 5-10% general data"
     ], eval_fraction=0)
-    prepared = data.prepare_data(cfg, tokenizer)
+    prepared = prepare.prepare_data(cfg, tokenizer)
     counts = {path: s["examples"] for path, s in prepared.stats.items()}
     assert counts == {str(task): 190, str(general): 10}  # every task example used; general drawn to 5%
     assert len(prepared.train) == 200
@@ -106,7 +107,7 @@ def test_eval_split_is_held_out_and_gives_metric_prompts(tiny_base, tmp_path, to
     rows = [{"instruction": f"Repeat {i}", "input": "", "output": f"{i}"} for i in range(100)]
     path = write_jsonl(tmp_path / "a.jsonl", rows)
     cfg = make_config(tiny_base, tmp_path, [{"path": str(path), "format": "alpaca"}], eval_fraction=0.1)
-    prepared = data.prepare_data(cfg, tokenizer)
+    prepared = prepare.prepare_data(cfg, tokenizer)
     assert len(prepared.eval) == 10 and len(prepared.train) == 90
     train_texts = {tokenizer.decode(ids) for ids in prepared.train["input_ids"]}
     assert not any(prompt in text for prompt, _ in prepared.eval_pairs for text in train_texts)
@@ -117,14 +118,15 @@ def test_eval_split_is_held_out_and_gives_metric_prompts(tiny_base, tmp_path, to
 def test_tokenization_is_cached(tiny_base, tmp_path, tokenizer, monkeypatch):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": f"line {i}"} for i in range(20)])
     cfg = make_config(tiny_base, tmp_path, [{"path": str(path), "format": "text"}], eval_fraction=0)
-    first = data.prepare_data(cfg, tokenizer)
-    assert list((tmp_path / "cache").glob("*.jsonl"))
+    first = prepare.prepare_data(cfg, tokenizer)
+    assert len(list((tmp_path / "cache").glob("*/meta.json"))) == 1
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("tokenized again despite the cache")
 
-    monkeypatch.setattr(data, "tokenize", must_not_run)
-    second = data.prepare_data(cfg, tokenizer)
+    monkeypatch.setattr(prepare, "encode_rows", must_not_run)
+    monkeypatch.setattr(data, "encode", must_not_run)
+    second = prepare.prepare_data(cfg, tokenizer)
     assert second.train["input_ids"] == first.train["input_ids"]
 
 
@@ -185,9 +187,9 @@ def test_malformed_data_is_named_by_file_and_line(tmp_path, content, fmt, expect
 def test_inspect_data_marks_loss_tokens_and_reports_shares(tiny_base, tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Repeat x", "input": "", "output": "x"}] * 10)
     cfg = make_config(tiny_base, tmp_path, [{"path": str(path), "format": "alpaca"}], eval_fraction=0.2)
-    report = data.inspect_data(cfg, num_samples=1)
+    report = prepare.inspect_data(cfg, num_samples=1)
     assert "«x<|end|>»" in report
-    assert "carries loss in 8/8 examples" in report
+    assert "end token '<|end|>' carries loss in 8/8 sampled examples" in report
     assert "100.0%" in report
 
 
@@ -195,8 +197,9 @@ def test_a_training_set_truncated_to_nothing_is_a_clear_error(tiny_base, tmp_pat
     path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "word " * 40, "completion": " end"}] * 3)
     cfg = make_config(tiny_base, tmp_path, [{"path": str(path), "format": "prompt_completion"}],
                       max_seq_len=8, eval_fraction=0)
-    with pytest.raises(UserError, match="data.max_seq_len: every training example lost all its loss tokens"):
-        data.prepare_data(cfg, tokenizer)
+    with pytest.raises(UserError, match=r"^data.sources\[0\]: \S+long.jsonl: no example has a token that carries loss: "
+                                        r"every example was cut at data.max_seq_len=8 before its completion; raise it$"):
+        prepare.prepare_data(cfg, tokenizer)
 
 
 def test_chat_accepts_system_and_tool_roles(tmp_path, tokenizer):
@@ -218,7 +221,7 @@ def test_a_conversation_the_chat_template_refuses_is_one_error_line(tokenizer):
                             "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
     row = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
                         {"role": "assistant", "content": "yo"}]}
-    with pytest.raises(UserError, match=r'^data: the chat template of \S+ refuses a conversation starting "be brief": '
+    with pytest.raises(UserError, match=r"^the chat template of \S+ refuses a conversation starting 'be brief': "
                                         r"System role not supported$"):
         data.segments(row, "chat", strict)
 

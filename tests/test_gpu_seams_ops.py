@@ -20,8 +20,8 @@ from tunekit.distributed import shared_dir_problem
 
 REPO = Path(__file__).resolve().parents[1]
 FLASH_MISSING = ("model.attn_implementation: flash_attention_2 needs the flash-attn package "
-                 "(pip install flash-attn --no-build-isolation), not installed here; use sdpa")
-NO_CUDA = "model.attn_implementation: flash_attention_2 needs a CUDA GPU, none is visible here; use sdpa"
+                 "(pip install flash-attn --no-build-isolation), not installed here; use auto")
+NO_CUDA = "model.attn_implementation: flash_attention_2 needs a CUDA GPU, none is visible here; use auto"
 
 
 # ---------------------------------------------------------------- item 2: flash_attention_2 needs flash-attn and a GPU

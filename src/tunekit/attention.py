@@ -23,10 +23,10 @@ def attention_problem(attn: str | None, flash_installed: bool, cuda_available: b
     if attn != "flash_attention_2":
         return None
     if cuda_available is False:
-        return ("model.attn_implementation: flash_attention_2 needs a CUDA GPU, none is visible here; use sdpa")
+        return ("model.attn_implementation: flash_attention_2 needs a CUDA GPU, none is visible here; use auto")
     if not flash_installed:
         return (f"model.attn_implementation: flash_attention_2 needs the flash-attn package ({FLASH_ATTN_INSTALL}), "
-                "not installed here; use sdpa")
+                "not installed here; use auto")
     return None
 
 

@@ -39,9 +39,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    config = _load(args)
+    import time
+
+    from tunekit.backends.common import load_tokenizer
+    from tunekit.prepare import data_table, prepare_data
+
+    started = time.time()
+    prepared = prepare_data(config, load_tokenizer(config))
+    print(data_table(prepared.stats))
+    print(f"prepared in {time.time() - started:.1f} s; training with this config reuses the cache")
+    return 0
+
+
 def cmd_inspect_data(args: argparse.Namespace) -> int:
     config = _load(args)
-    from tunekit.data import inspect_data
+    from tunekit.prepare import inspect_data
 
     print(inspect_data(config, num_samples=args.samples))
     return 0
@@ -136,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config without importing torch")
     _add_config(p)
 
+    p = sub.add_parser("prepare", help="tokenize and cache the data (e.g. on a CPU node before the GPU job)")
+    _add_config(p)
+
     p = sub.add_parser("inspect-data", help="render samples with loss tokens marked; report token shares")
     _add_config(p)
     p.add_argument("--samples", type=int, default=3, help="samples to render")
@@ -191,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train,
     "validate": cmd_validate,
+    "prepare": cmd_prepare,
     "inspect-data": cmd_inspect_data,
     "estimate": cmd_estimate,
     "recommend": cmd_recommend,

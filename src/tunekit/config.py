@@ -15,7 +15,8 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (  # noqa: F401  (SecretStr: the type any future secret field must have; a test checks it)
-    BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_serializer, model_validator,
+    BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_serializer,
+    model_validator,
 )
 
 from tunekit.errors import UserError
@@ -25,7 +26,10 @@ METHODS = ("full", "lora", "qlora")
 # The seeds' learning-rate guidance: full FT 1e-5..5e-5 (higher risks forgetting), LoRA 1e-4..3e-4 (the adapter
 # starts at zero and must move fast).
 DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# lora.target_modules default, with peft's meaning: every nn.Linear and Conv1D (GPT-2) except the output head, and
+# (tunekit's addition) MoE experts stored as fused 3-D parameters. Names differ across families (Llama q_proj,
+# GPT-NeoX query_key_value, Phi-3 qkv_proj, GPT-2 c_attn), so a list of names fits only some of them.
+ALL_LINEAR = "all-linear"
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
@@ -42,14 +46,21 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype for training. auto: bfloat16 on a GPU that supports it, else float32."
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
-        "sdpa", description="Attention kernel passed to from_pretrained."
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel. auto: what transformers picks for the architecture (sdpa where the model "
+        "supports it, else eager; Gemma 2: eager), or flash_attention_2 for packed rows on a GPU where it is installed. "
+        "A kernel the model does not support is an error."
     )
     add_tokens: list[str] = Field(
         default_factory=list,
         description="New tokens to add to the vocabulary. Embeddings are resized and, under LoRA/QLoRA, the new rows are trained.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when loading from a hub.")
+
+    @field_validator("attn_implementation", mode="before")
+    @classmethod
+    def _null_is_auto(cls, value: Any) -> Any:
+        return "auto" if value is None else value  # schema <= 2 wrote null for "transformers' default"
 
 
 class SourceConfig(Section):
@@ -72,14 +83,27 @@ class DataConfig(Section):
     max_seq_len: int = Field(512, gt=0, description="Tokens per example; longer examples are truncated (and counted).")
     packing: bool = Field(False, description="Pack several examples per row (no attention across examples).")
     completion_only_loss: bool = Field(True, description="Loss only on completion/assistant tokens, not on prompts.")
-    cache_dir: str | None = Field(None, description="Tokenization cache; default ~/.cache/tunekit/data.")
+    cache_dir: str | None = Field(
+        None, description="Tokenized-data cache (Arrow, memory-mapped); default $TUNEKIT_DATA_CACHE or ~/.cache/tunekit/data. "
+        "On a cluster: a shared path prepares once per job, a node-local one once per node."
+    )
+    num_proc: int | None = Field(
+        None, ge=1, description="Worker processes that tokenize; default: the cores this process may use."
+    )
+    streaming: bool = Field(
+        False, description="Read and tokenize on the fly, for data larger than the node's disk or memory. Needs "
+        "training.max_steps; eval comes from eval_path only; sources mix by weight in expectation."
+    )
     seed: int = Field(0, description="Seed for the eval split and the mixing draw.")
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> DataConfig:
         if self.eval_path is not None and "eval_fraction" in self.model_fields_set and self.eval_fraction > 0:
             raise ValueError("data.eval_fraction: not used when data.eval_path is given (the eval set is that file)")
-        if self.eval_path is not None:
+        if self.streaming and "eval_fraction" in self.model_fields_set and self.eval_fraction > 0:
+            raise ValueError("data.eval_fraction: a streamed source has no known size to hold a fraction of; "
+                             "set data.eval_path (or eval_fraction: 0)")
+        if self.eval_path is not None or self.streaming:
             self.eval_fraction = 0.0  # what ran: nothing held out of the first source (config.yaml says so)
         return self
 
@@ -88,16 +112,33 @@ class LoraConfig(Section):
     r: int = Field(16, gt=0, description="Adapter rank. Seeds: 4-8 simple/small data, 16-32 instruction tuning, 64-128 large domain data.")
     alpha: float | None = Field(None, gt=0, description="Scaling numerator (scale = alpha/r). Default 2*r: alpha == r trains slowly.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: list(ALL_LINEAR), description="Modules to adapt; default every linear projection."
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        ALL_LINEAR, description="Modules to adapt. all-linear: every linear layer except the output head, whatever the "
+        "architecture names it (and MoE experts stored as fused parameters); or a list of module names "
+        "(q_proj, v_proj, ...: a name matches a module whose dotted name ends with it)."
     )
     train_new_token_embeddings: bool = Field(
         True, description="With model.add_tokens: train the new embedding rows (peft trainable tokens)."
     )
 
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list adapts nothing; use all-linear or name the modules")
+        return value
+
     @property
     def lora_alpha(self) -> float:
         return self.alpha if self.alpha is not None else 2.0 * self.r
+
+    @property
+    def all_linear(self) -> bool:
+        return self.target_modules == ALL_LINEAR
+
+    def describe_targets(self) -> str:
+        """The targets as a reader wants them: "all linear layers" or "q_proj, v_proj"."""
+        return "all linear layers" if self.all_linear else ", ".join(self.target_modules)
 
 
 class QloraConfig(Section):
@@ -243,6 +284,16 @@ class PreflightConfig(Section):
     usd_per_gpu_hour: float = Field(3.0, ge=0, description="Price for the cost estimate (seeds: A100 ~$3/h).")
 
 
+class Origins(dict):
+    """Where each key of a loaded config was written. Not part of the config's value: two configs with equal settings
+    are equal wherever they were read from (pydantic compares private attributes too)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Origins)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class RunConfig(Section):
     """What every method shares. A config is always one of the per-method classes below (`parse` picks it by
     `method`); a section the method does not use is an error, so `lora:` under `method: full` cannot be written."""
@@ -261,6 +312,9 @@ class RunConfig(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     preflight: PreflightConfig = Field(default_factory=PreflightConfig)
     deepspeed: DeepSpeedConfig | None = Field(None, description="DeepSpeed ZeRO (multi-GPU adapters). Optional for lora/qlora.")
+    # dotted key path -> where it was written ("FILE:LINE" or "--set KEY=VALUE"), filled by `load`: checks that can
+    # only run later (they need the model) still name the line, as `where` gives it.
+    _origins: Origins = PrivateAttr(default_factory=lambda: Origins())
 
     @field_validator("schema_version")
     @classmethod
@@ -268,6 +322,12 @@ class RunConfig(Section):
         if value > SCHEMA_VERSION:
             raise ValueError(f"written by a newer tunekit (schema {value} > {SCHEMA_VERSION})")
         return value
+
+    @model_validator(mode="after")
+    def _streaming_has_an_end(self) -> RunConfig:
+        if self.data.streaming and self.training.max_steps < 1:
+            raise ValueError("data.streaming: a stream has no length to count epochs in; set training.max_steps")
+        return self
 
     @model_validator(mode="after")
     def _zero_stage_fits_method(self) -> RunConfig:
@@ -384,7 +444,16 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_pa
         raise UserError(f"{_origin((key,), origins)}: {key}: {message}") from None
     if check_paths:
         _check_paths(config, origins)
+    config._origins = Origins(origins)
     return config
+
+
+def where(config: RunConfig, key: str) -> str:
+    """`FILE:LINE: key` (or `--set ITEM: key`) for dotted `key` of a config read by `load`: the prefix of a one-line
+    UserError raised after loading. Just `key` for a config built in code."""
+    loc = tuple(int(p) if p.isdigit() else p for p in key.split("."))
+    origin = _origin(loc, config._origins)
+    return f"{origin}: {key}" if origin else key
 
 
 def _upgrade(raw: dict) -> None:

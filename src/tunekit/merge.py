@@ -143,7 +143,8 @@ def training_settings(run: Run) -> Resolved:
         mode, load_dtype = "fp32", torch.float32
     return Resolved(precision=mode, load_dtype=str(load_dtype).removeprefix("torch."),
                     zero_stage=run.summary.get("zero_stage"), world_size=run.summary.get("world_size") or 1,
-                    attn_implementation=config.model.attn_implementation, device="not recorded", versions={})
+                    attn_implementation=None if config.model.attn_implementation == "auto"  # the model's default
+                    else config.model.attn_implementation, device="not recorded", versions={})
 
 
 def training_load_dtype(trained: Resolved) -> torch.dtype:
@@ -251,7 +252,11 @@ def load_run_tokenizer(run: Run):
 
 
 def save_model(model, tokenizer, out_dir: Path, max_shard_size: str) -> None:
-    """safetensors shards (+ index when several) + config + generation config + tokenizer (chat template kept)."""
+    """safetensors shards (+ index when several) + config + generation config + tokenizer (chat template kept). The
+    generation config stops at the template's end of turn as well as at eos (`stop_generation_config`)."""
+    from tunekit.backends.common import stop_generation_config
+
+    model.generation_config = stop_generation_config(model, tokenizer)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out_dir)
 
@@ -355,10 +360,14 @@ def merge_into(run: Run, tokenizer, inputs: CheckInputs, save_dtype: str, attn: 
     model = load_base(run.config, tokenizer, dtype, attn, device=plan.device).to(plan.compute_dtype)
     if packed is not None:
         import bitsandbytes.functional as bnbf
+        from transformers.pytorch_utils import Conv1D
 
         with torch.no_grad():
             for name, (data, quant_state) in packed.items():  # [out, in] each, in the dtype it was quantized from
-                model.get_submodule(name).weight.copy_(bnbf.dequantize_4bit(data, quant_state))
+                layer = model.get_submodule(name)
+                weight = bnbf.dequantize_4bit(data, quant_state)
+                # GPT-2's Conv1D stores [in, out]; bitsandbytes quantized its transpose (transformers' bnb loader).
+                layer.weight.copy_(weight.T if isinstance(layer, Conv1D) else weight)
     model = load_adapter(model, run)
     unmerged = logits_of(model, inputs)
     model = model.merge_and_unload()
@@ -389,8 +398,11 @@ def load_base(config: RunConfig, tokenizer, dtype: torch.dtype, attn: str | None
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, revision=config.model.revision,
                                                      trust_remote_code=config.model.trust_remote_code,
                                                      use_safetensors=True, **kwargs)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    if config.model.add_tokens and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         # New rows' values do not matter: peft saved the resized embed_tokens/lm_head and loads them over these.
+        # Only when training grew them (backends.common.resize_for_new_tokens): a tokenizer that is larger than the
+        # embeddings by itself (Qwen2's class adds <|endoftext|> to a tokenizer without it) was trained at the base's
+        # size, and random extra rows would differ between the check's reference and the merge.
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     return model
 

@@ -110,7 +110,7 @@ def hyperparameters(run: Run) -> dict[str, Any]:
     }
     if isinstance(c, LoraRunConfig):
         values.update({"lora r": c.lora.r, "lora alpha": c.lora.lora_alpha, "lora dropout": c.lora.dropout,
-                       "lora target_modules": ", ".join(c.lora.target_modules)})
+                       "lora target_modules": c.lora.describe_targets()})
     if isinstance(c, QloraRunConfig):
         values.update({"4-bit quant_type": c.qlora.quant_type, "double_quant": c.qlora.double_quant,
                        "compute_dtype": c.qlora.compute_dtype})

@@ -70,7 +70,8 @@ def shape_from_size(params: float, method: str, lora: LoraConfig | None = None) 
         "o_proj": (heads * head_dim, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
         "down_proj": (inter, hidden),
     }
-    adapted = [linears[name] for name in lora.target_modules if name in linears]
+    names = list(linears) if lora.all_linear else lora.target_modules  # all-linear: every projection of the layer
+    adapted = [linears[name] for name in names if name in linears]
     lora_params = layers * lora.r * sum(i + o for i, o in adapted)
     return {
         "model_type": "llama (shape guessed from size)",
@@ -197,7 +198,7 @@ def recommend(model_size_b: float, gpus: int, gpu_memory_gb: float = 80.0, *, ex
             "tokens": f"{examples:,} examples x {epochs:g} epochs x {avg_tokens_per_example} tokens = {tokens / 1e6:,.0f}M",
             "fit": f"micro-batch {FIT_MICRO_BATCH} x {FIT_SEQ_LEN} tokens, gradient checkpointing, bf16, AdamW fp32 "
                    f"states; full and LoRA shard with ZeRO-3, QLoRA holds the 4-bit base on every GPU",
-            "lora": f"r={lora.r} on {', '.join(lora.target_modules)}",
+            "lora": f"r={lora.r} on {lora.describe_targets()}",
             "shape": f"Llama-like: hidden {shapes['full']['hidden_size']}, {shapes['full']['num_layers']} layers, "
                      f"vocab {VOCAB_SIZE:,}",
             "throughput": f"{DEFAULT_MFU:.0%} MFU of {PEAK_TFLOPS_A100_BF16:g} TFLOP/s per GPU (QLoRA 30% slower)",

@@ -545,3 +545,71 @@ def write_demo_task(out_dir: str | os.PathLike, n_train: int = 2000, n_eval: int
         "prompt_completion": _write_jsonl(out_dir / "prompt_completion.jsonl", prompt_completion),
         "text": _write_jsonl(out_dir / "text.jsonl", text),
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny random-init models of other architectures (tests/test_architectures.py): the same code paths as a real
+# checkpoint of that family (its module names, fused projections, Conv1D, fused MoE experts, attention support, chat
+# template's end-of-turn token), a few thousand parameters each.
+# ---------------------------------------------------------------------------------------------------------------
+ARCH_HIDDEN, ARCH_HEADS, ARCH_LAYERS, ARCH_INTERMEDIATE = 32, 4, 2, 64
+# family -> (transformers config class name, its extra settings, the end-of-turn token its chat template writes:
+# None = the tokenizer's eos, as in tiny's own template).
+ARCHITECTURES: dict[str, tuple[str, dict, str | None]] = {
+    "llama": ("LlamaConfig", {"num_key_value_heads": 2, "tie_word_embeddings": False}, "<|eot_id|>"),
+    "mistral": ("MistralConfig", {"num_key_value_heads": 2}, None),
+    "qwen2": ("Qwen2Config", {"num_key_value_heads": 2}, "<|im_end|>"),
+    "qwen3": ("Qwen3Config", {"num_key_value_heads": 2, "head_dim": 8}, "<|im_end|>"),
+    "gemma3": ("Gemma3TextConfig", {"num_key_value_heads": 2, "head_dim": 8}, "<end_of_turn>"),
+    "olmo2": ("Olmo2Config", {"num_key_value_heads": 2}, None),
+    "phi3": ("Phi3Config", {"num_key_value_heads": 2}, EOS),  # Phi-3 ends turns with <|end|>, tiny's eos
+    "starcoder2": ("Starcoder2Config", {"num_key_value_heads": 2}, None),
+    "gpt_neox": ("GPTNeoXConfig", {}, None),
+    "falcon": ("FalconConfig", {"new_decoder_architecture": True, "num_kv_heads": 2}, None),
+    "gpt2": ("GPT2Config", {}, None),
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_key_value_heads": 2, "head_dim": 8, "num_experts": 4,
+                                     "num_experts_per_tok": 2, "moe_intermediate_size": 16}, "<|im_end|>"),
+    "gemma2": ("Gemma2Config", {"num_key_value_heads": 2, "head_dim": 8}, "<end_of_turn>"),
+}
+
+
+def turn_template(end_of_turn: str) -> str:
+    """A chat template that ends every turn with `end_of_turn` (a special token), assistant turns in {% generation %}."""
+    return (
+        "{{ bos_token }}{% for message in messages %}"
+        "{{ '<|' + message['role'] + '|>\\n' }}"
+        "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}" + end_of_turn
+        + "{% endgeneration %}{% else %}{{ message['content'] }}" + end_of_turn + "{% endif %}{{ '\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+    )
+
+
+def build_tiny_architecture(family: str, out_dir: str | os.PathLike, tokenizer, seed: int = 0) -> Path:
+    """Save a random-init model of `family` (ARCHITECTURES) with `tokenizer` (train_tokenizer's, copied: the
+    family's end-of-turn token is added to it as a special token, with a template that writes it) into out_dir."""
+    import copy
+
+    import torch
+    import transformers
+
+    class_name, extra, end_of_turn = ARCHITECTURES[family]
+    tokenizer = copy.deepcopy(tokenizer)
+    if end_of_turn not in (None, EOS):
+        tokenizer.add_tokens([end_of_turn], special_tokens=True)
+    if end_of_turn is not None:
+        tokenizer.chat_template = turn_template(end_of_turn)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    if family == "gpt2":  # GPT-2's config names its sizes n_*
+        sizes = {"n_embd": ARCH_HIDDEN, "n_layer": ARCH_LAYERS, "n_head": ARCH_HEADS, "n_inner": ARCH_INTERMEDIATE,
+                 "n_positions": 256}
+    else:
+        sizes = {"hidden_size": ARCH_HIDDEN, "num_hidden_layers": ARCH_LAYERS, "num_attention_heads": ARCH_HEADS,
+                 "intermediate_size": ARCH_INTERMEDIATE, "max_position_embeddings": 256}
+    config = getattr(transformers, class_name)(vocab_size=len(tokenizer), **sizes, **ids, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -19,9 +19,10 @@ from tunekit.backends.common import (check_launch, count_params, full_weights, k
                                      load_tokenizer, resolve_settings, training_arguments)
 from tunekit.callbacks import TunekitTrainer, build_callbacks, peak_memory_bytes
 from tunekit.config import RunConfig
-from tunekit.data import prepare_data, read_rows
+from tunekit.data import read_rows
 from tunekit.distributed import check_shared_output_dir, is_rank_zero
 from tunekit.errors import UserError
+from tunekit.prepare import prepare_data
 
 # method -> function(config, tokenizer) -> model ready to train. QLoRA is LoRA with a 4-bit base.
 BACKENDS = {"full": full.build_model, "lora": lora.build_model, "qlora": lora.build_model}
@@ -139,16 +140,20 @@ def resume_checkpoint(config: RunConfig, resume: str | None) -> str | None:
 
 
 def save_final(trainer, tokenizer, config: RunConfig) -> Path:
-    """OUTPUT_DIR/final: the adapter (LoRA/QLoRA) or the consolidated model (full), plus the tokenizer.
+    """OUTPUT_DIR/final: the adapter (LoRA/QLoRA) or the consolidated model (full), plus the tokenizer and a
+    generation config that stops at the chat template's end of turn as well as at eos.
 
     Written under a temporary name and renamed, so a crash mid-save never leaves a `final/` that looks complete.
     """
+    from tunekit.backends.common import stop_generation_config
+
     final_dir = Path(config.output_dir) / "final"
     tmp_dir = Path(config.output_dir) / "final.tmp"
     trainer.save_model(str(tmp_dir))  # collective under ZeRO-3: every rank must call it
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(tmp_dir))
+        stop_generation_config(trainer.model, tokenizer).save_pretrained(str(tmp_dir))
         if final_dir.exists():
             import shutil
 

@@ -102,8 +102,8 @@ SDPA_MASK_BYTES_PER_ELEMENT = 3
 
 @dataclasses.dataclass(frozen=True)
 class AttentionChoice:
-    """What `choose_attention` decided: the attn_implementation to load with (None: transformers' default, sdpa for
-    the models we train), a one-line warning to print, or a one-line refusal (raise it as a UserError)."""
+    """What `choose_attention` decided: the attn_implementation to load with (None: the model's default kernel), a
+    one-line warning to print, or a one-line refusal (raise it as a UserError)."""
 
     implementation: str | None
     warning: str | None = None
@@ -111,14 +111,17 @@ class AttentionChoice:
 
 
 def choose_attention(cuda_available: bool, packing: bool, attn: str | None, flash_available: bool, half_weights: bool,
-                     micro_batch: int, max_seq_len: int, device_memory_bytes: int | None = None) -> AttentionChoice:
-    """The attention kernel for this run, from explicit facts.
+                     micro_batch: int, max_seq_len: int, device_memory_bytes: int | None = None,
+                     default_kernel: str = "sdpa") -> AttentionChoice:
+    """The attention kernel for this run, from explicit facts. attn None: model.attn_implementation is auto;
+    flash_available: flash-attn is installed AND the model supports it; default_kernel: what the model loads
+    without a choice (sdpa, or eager for models without sdpa support such as Gemma 2).
 
     Packing is padding-free in TRL: a micro-batch of B rows of L tokens is flattened into one row of B*L tokens with
     per-example position_ids. flash attention's varlen kernel reads the example boundaries and costs O(B*L); sdpa (and
     eager) need a [1, 1, B*L, B*L] mask that keeps examples apart, quadratic in the micro-batch
     (`SDPA_MASK_BYTES_PER_ELEMENT` bytes per element). So on a GPU with packing, when model.attn_implementation is
-    unset: flash attention when it is installed and the weights are bf16/fp16 (it has no fp32 kernel; losses are the
+    auto: flash attention when it is available and the weights are bf16/fp16 (it has no fp32 kernel; losses are the
     same, only the kernel changes). Otherwise (or when sdpa/eager is asked for) a warning with the mask's size, or a
     refusal when that mask alone exceeds the device's memory. On CPU, or without packing, the config's setting is
     kept as it is (the CPU tests rely on sdpa's packed mask).
@@ -129,7 +132,7 @@ def choose_attention(cuda_available: bool, packing: bool, attn: str | None, flas
         return AttentionChoice("flash_attention_2")
     tokens = micro_batch * max_seq_len
     mask_bytes = tokens * tokens * SDPA_MASK_BYTES_PER_ELEMENT
-    kernel = attn or "sdpa"
+    kernel = attn or default_kernel
     if attn is not None:
         why = f"model.attn_implementation is {attn}"
     else:
@@ -143,25 +146,160 @@ def choose_attention(cuda_available: bool, packing: bool, attn: str | None, flas
 
 
 def attention_for(config: RunConfig) -> AttentionChoice:
-    """`choose_attention` with this run's settings and this machine's facts.
-
-    model.attn_implementation left at its default (sdpa) counts as unset: packing on a GPU may then pick flash
-    attention; written in the config, it is kept. When nothing is picked the default is loaded, as before.
-    """
+    """`choose_attention` with this run's settings, this machine's facts and what the model's class supports; the
+    implementation is always a concrete kernel (auto resolved the way transformers resolves it), and the refusal
+    includes `attention_refusal`'s."""
     from transformers.utils import is_flash_attn_2_available
 
+    hf_config = model_config_or_none(config)
+    kernels = supported_kernels(model_class(hf_config) if hf_config is not None else None)
+    requested = config.model.attn_implementation
     cuda, packing, t = on_gpu(), config.data.packing, config.training
-    written = "attn_implementation" in config.model.model_fields_set
     choice = choose_attention(
-        cuda, packing, config.model.attn_implementation if written else None, cuda and is_flash_attn_2_available(),
+        cuda, packing, None if requested == "auto" else requested,
+        cuda and "flash_attention_2" in kernels and is_flash_attn_2_available(),
         half_weights=weights_dtype(config) in (torch.bfloat16, torch.float16),
         micro_batch=max(t.per_device_train_batch_size, t.per_device_eval_batch_size),
         max_seq_len=config.data.max_seq_len,
         device_memory_bytes=gpu_memory_bytes() if cuda and packing else None,
+        default_kernel=default_kernel(kernels),
     )
     if choice.implementation is None:
-        choice = dataclasses.replace(choice, implementation=config.model.attn_implementation)
-    return choice
+        choice = dataclasses.replace(choice, implementation=default_kernel(kernels))
+    refusal = attention_refusal(config, choice.implementation)
+    return dataclasses.replace(choice, refusal=refusal) if refusal else choice
+
+
+def attention_refusal(config: RunConfig, kernel: str | None = None) -> str | None:
+    """The one-line refusal (naming the config line) when the model cannot run as configured, else None:
+    - a kernel the architecture does not support (Gemma 2 has no sdpa: transformers would raise deep inside
+      from_pretrained, after the data is ready);
+    - packing with an sdpa/eager `kernel` on an architecture whose mask lets packed examples attend to each other
+      (`packing_leaks`: Falcon in transformers 5). kernel None: the one that will load, where it is already known
+      without the GPU's facts (the requested one, or auto's default on CPU); on a GPU auto may still pick flash
+      attention, and `attention_for` checks again with the kernel it chose.
+    Needs no GPU and loads no weights: the pre-flight calls it before the data is tokenized.
+    """
+    from transformers import __version__ as transformers_version
+
+    from tunekit.config import where
+
+    hf_config = model_config_or_none(config)
+    if hf_config is None:
+        return None
+    cls = model_class(hf_config)
+    kernels = supported_kernels(cls)
+    name = cls.__name__ if cls is not None else hf_config.model_type
+    requested = config.model.attn_implementation
+    if requested != "auto" and requested not in kernels:
+        return (f"{where(config, 'model.attn_implementation')}: {name} does not support {requested} attention "
+                f"(transformers {transformers_version}; it supports {', '.join(kernels)}); use auto")
+    if kernel is None:
+        kernel = requested if requested != "auto" else (None if on_gpu() else default_kernel(kernels))
+    if config.data.packing and kernel in ("sdpa", "eager") and packing_leaks(hf_config, kernel):
+        return (f"{where(config, 'data.packing')}: {name} lets packed examples attend to each other under {kernel} "
+                f"attention (transformers {transformers_version} builds its mask without the per-example "
+                "position_ids); set data.packing: false")
+    return None
+
+
+def default_kernel(kernels: tuple[str, ...]) -> str:
+    """What transformers loads when no kernel is asked for: sdpa where the model supports it, else eager."""
+    return "sdpa" if "sdpa" in kernels else "eager"
+
+
+def model_config_or_none(config: RunConfig):
+    """The base model's transformers config (a shipped `tunekit:` config too), or None when it cannot be read here:
+    remote code, an unreachable hub. Then the attention checks are skipped and from_pretrained has the last word."""
+    from tunekit.estimate.shapes import load_hf_config, resolve_model_config
+
+    if config.model.trust_remote_code:
+        return None
+    try:
+        return load_hf_config(resolve_model_config(config.model.name_or_path), config.model.revision)
+    except UserError:
+        return None
+
+
+def model_class(hf_config):
+    """The class AutoModelForCausalLM builds for `hf_config`, or None for an architecture it does not map."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM._model_mapping.get(type(hf_config), None)
+
+
+def supported_kernels(cls) -> tuple[str, ...]:
+    """Attention kernels the model class declares (its _supports_* flags, read by from_pretrained); all three when
+    the class is unknown."""
+    if cls is None:
+        return ("eager", "sdpa", "flash_attention_2")
+    return ("eager",) + (("sdpa",) if cls._supports_sdpa else ()) + (("flash_attention_2",) if cls._supports_flash_attn
+                                                                      else ())
+
+
+TWIN_HEAD_DIM = 8  # the probe model's sizes: heads x 8 hidden, 2 layers, 64-token vocabulary, 4 experts
+TWIN_VOCAB = 64
+
+
+def packing_leaks(hf_config, kernel: str) -> bool:
+    """True when packed rows of this architecture let one example attend to another under `kernel` (sdpa/eager).
+
+    Whether a model keeps packed examples apart is a property of its modeling code (its mask must be built from the
+    per-example position_ids TRL's padding-free collator passes), not of its weights. So a random-init twin of the
+    architecture, a few thousand parameters built from the same config class (`twin_config`), runs two short
+    examples packed into one row and the second one alone: their logits must agree. ~20 ms on a CPU. False when the
+    twin cannot be built (an architecture whose config does not shrink this way): from_pretrained decides then.
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        twin = twin_config(hf_config)
+        # Its random init must not draw from the global RNG: this runs after set_seed, before the LoRA init.
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+            model = AutoModelForCausalLM.from_config(twin, dtype=torch.float32, attn_implementation=kernel).eval()
+    except Exception:  # noqa: BLE001 - the probe is best effort; the tests cover every family we ship for
+        return False
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(1, TWIN_VOCAB, (1, n), generator=generator) for n in (6, 5))
+    positions = torch.cat([torch.arange(6), torch.arange(5)])[None]  # per-example positions, as TRL packs them
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat([first, second], 1), position_ids=positions, use_cache=False).logits
+        alone = model(input_ids=second, use_cache=False).logits
+    return (packed[0, 6:] - alone[0]).abs().max().item() > 1e-4
+
+
+def twin_config(hf_config):
+    """A copy of `hf_config` shrunk to a few thousand parameters: at most 4 heads of TWIN_HEAD_DIM, 2 layers (one of
+    each of the first two layer types: sliding and full attention both run), 16-wide MLPs, at most 4 experts."""
+    import copy
+
+    twin = copy.deepcopy(hf_config)
+    heads = min(getattr(twin, "num_attention_heads", 2) or 2, 4)
+    sets = {"vocab_size": TWIN_VOCAB, "num_attention_heads": heads, "hidden_size": heads * TWIN_HEAD_DIM,
+            "num_hidden_layers": min(twin.num_hidden_layers, 2), "use_cache": False}
+    for key in ("num_key_value_heads", "num_kv_heads"):
+        if getattr(twin, key, None):
+            sets[key] = 2 if heads % 2 == 0 else 1
+    if vars(twin).get("head_dim"):  # a stored field (Falcon's is a read-only property)
+        sets["head_dim"] = TWIN_HEAD_DIM
+    for key in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "n_inner"):
+        if getattr(twin, key, None):
+            sets[key] = 16
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if getattr(twin, key, None):
+            sets[key] = min(getattr(twin, key), 4)
+    if getattr(twin, "num_experts_per_tok", None):
+        sets["num_experts_per_tok"] = min(twin.num_experts_per_tok, 2)
+    types = getattr(twin, "layer_types", None)
+    if types:
+        firsts = sorted({kind: index for index, kind in reversed(list(enumerate(types)))}.values())[:2]
+        sets["layer_types"] = ([types[i] for i in firsts] * 2)[:sets["num_hidden_layers"]]
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(getattr(twin, key, None), int):
+            sets[key] = 0  # the embedding's padding_idx must fit the small vocabulary
+    for key, value in sets.items():
+        setattr(twin, key, value)
+    return twin
 
 
 def gpu_memory_bytes() -> int:
@@ -220,6 +358,31 @@ def from_pretrained(config: RunConfig, **extra: Any):
                                                     **load_kwargs(config, attention.implementation), **extra)
     except Exception as exc:  # noqa: BLE001 - unknown model_type, corrupt safetensors, bad config.json, no weights...
         raise UserError(f"model.name_or_path: cannot load {config.model.name_or_path}: {first_line(exc)}") from None
+
+def stop_generation_config(model, tokenizer):
+    """A copy of `model`'s generation config (a peft model: its base's) whose eos_token_id holds the model's own eos
+    ids, the tokenizer's eos and the chat template's end-of-turn token (`chat.end_of_turn_token`), in that order.
+
+    Chat templates end an assistant turn with their own token (Llama 3 <|eot_id|>, ChatML <|im_end|>, Gemma
+    <end_of_turn>, Phi-3 <|end|>), which is often not eos: a model fine-tuned on chat learns to emit it, and generate
+    (and vLLM, which reads generation_config.json) must stop there, not run on into a made-up next turn.
+    """
+    import copy
+
+    from tunekit.chat import end_of_turn_token
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = copy.deepcopy(base.generation_config)
+    own = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    end = end_of_turn_token(tokenizer)
+    candidates = [*own, tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end) if end is not None else None]
+    ids = list(dict.fromkeys(i for i in candidates if i is not None and i != tokenizer.unk_token_id))
+    config.eos_token_id = ids if len(ids) > 1 else (ids[0] if ids else None)
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    config._from_model_config = False  # ours now: generate must not rebuild it from config.json's single eos
+    return config
+
 
 def resize_for_new_tokens(model, tokenizer, new_tokens: list[str]) -> list[int]:
     """Grow the embeddings to the tokenizer's size when it outgrew them; return the ids of `new_tokens` (the rows a

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 from tunekit.backends.common import from_pretrained, resize_for_new_tokens, zero_stage
-from tunekit.config import LoraRunConfig, QloraRunConfig, RunConfig
+from tunekit.config import LoraRunConfig, QloraRunConfig, RunConfig, where
 from tunekit.errors import UserError, first_line
+from tunekit.lora_targets import peft_targets
 
 
 def build_model(config: LoraRunConfig, tokenizer):
@@ -24,31 +25,59 @@ def build_model(config: LoraRunConfig, tokenizer):
     if config.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
+        if count_quantized_modules(model) == 0:  # else QLoRA would silently train LoRA on a full-precision base
+            raise UserError(f"{where(config, 'method')}: qlora: bitsandbytes quantized none of {type(model).__name__}'s "
+                            "layers (transformers' 4-bit loading replaces only plain nn.Linear and Conv1D, and this "
+                            "architecture uses its own Linear class); use method lora")
+
         # Casts norms to fp32 and enables input grads so checkpointed 4-bit layers still backpropagate.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.training.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    missing = [name for name in config.lora.target_modules if not any(n.endswith("." + name) for n, _ in model.named_modules())]
-    if missing:
-        raise UserError(f"lora.target_modules: {missing} not found in {config.model.name_or_path}")
+    if not config.lora.all_linear:
+        names = [n for n, _ in model.named_modules()]
+        missing = [t for t in config.lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            raise UserError(f"{where(config, 'lora.target_modules')}: {missing} not found in "
+                            f"{config.model.name_or_path}; all-linear adapts every linear layer whatever it is called")
+    target_modules, target_parameters = peft_targets(model, config.lora.target_modules)
     lora = LoraConfig(
         r=config.lora.r,
         lora_alpha=config.lora.lora_alpha,
-        lora_dropout=config.lora.dropout,
-        target_modules=list(config.lora.target_modules),
+        # peft's parameter adapters (fused MoE experts) refuse dropout: built without it, then set_dropout below.
+        lora_dropout=config.lora.dropout if target_parameters is None else 0.0,
+        target_modules=target_modules,
+        target_parameters=target_parameters,
         bias="none",
         task_type="CAUSAL_LM",
         trainable_token_indices=trainable_tokens(model, new_token_ids) if config.lora.train_new_token_embeddings else None,
     )
     autocast = autocast_adapters(zero_stage(config), quantized=config.method == "qlora")
     model = get_peft_model(model, lora, autocast_adapter_dtype=autocast)
+    if target_parameters is not None:
+        set_dropout(model, config.lora.dropout)
     head = model.get_output_embeddings()
     if type(head).__name__ == "TrainableTokensWrapper" and "bias" not in head.__dict__:
         # TRL's fused LM-head loss reads lm_head.weight (the wrapper returns base + trained rows, with gradient) and
         # lm_head.bias, which the wrapper does not forward: give it the wrapped layer's (None for Llama-style heads).
         head.bias = head.original_module.bias
     return model
+
+
+def set_dropout(model, p: float) -> None:
+    """lora.dropout on every module adapter of the peft `model` (not on parameter adapters: peft's ParamWrapper
+    cannot apply dropout to a weight delta). Dropout acts in training only, so the saved adapter (lora_dropout 0
+    in its config) merges and serves the same."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import ParamWrapper
+
+    if p == 0:
+        return
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper):
+            for name in module.lora_dropout:
+                module.lora_dropout[name] = torch.nn.Dropout(p)
 
 
 def autocast_adapters(zero_stage: int | None, quantized: bool) -> bool:

@@ -1,10 +1,7 @@
 """Time and cost: tokens the run will see -> training FLOPs -> wall-clock hours -> USD. Pure arithmetic, except
-count_examples, which reads the local data files through tunekit.data (the reader training uses)."""
+count_examples, which counts the rows of local data files (tunekit.data.count_rows)."""
 
 from __future__ import annotations
-
-import random
-from pathlib import Path
 
 from tunekit.config import PreflightConfig, RunConfig
 
@@ -50,26 +47,28 @@ def training_hours(flops: float, *, method: str, gpus: int, peak_tflops: float =
 def count_examples(config: RunConfig) -> int | None:
     """Training examples the run will draw, None when a source cannot be counted without downloading it.
 
-    Each local file is read with tunekit.data.read_rows (same formats, same max_examples, same errors as training), a
-    source that is not a local file counts as its max_examples (unknown without one); the first source gives up its
-    eval split, and the sources are mixed by weight with tunekit.data.mix, as prepare_data does. Examples that
-    truncation leaves without loss tokens are still counted (unknown before tokenizing).
+    Each local file is counted without parsing it (tunekit.data.count_rows: lines of a JSONL file, a parquet
+    footer), up to its max_examples; a source that is not a local file counts as its max_examples (unknown without
+    one); the first source gives up its eval split and the sources are mixed by weight with tunekit.prepare's own
+    rule. Examples that truncation leaves without loss tokens are still counted (unknown before tokenizing).
     """
-    from tunekit.data import mix, read_rows
+    from tunekit.data import count_rows
+    from tunekit.prepare import mix_counts
 
     data = config.data
-    per_source = []
+    sizes = []
     for index, source in enumerate(data.sources):
-        if Path(source.path).is_file():
-            rows = len(read_rows(source.path, source.format, source.split, source.max_examples))
-        elif source.max_examples is not None:
+        rows = count_rows(source.path, source.split, source.max_examples)
+        if rows is None:
             rows = source.max_examples  # a hub dataset (or a file not written yet): at most this many
-        else:
+        if not rows:
             return None
         if index == 0 and data.eval_path is None and data.eval_fraction > 0:
-            rows -= min(rows, max(1, int(rows * data.eval_fraction)))  # prepare_data's hold-out: at least one example
-        per_source.append((source, range(rows)))  # mix needs only len() and random.sample of each source
-    return sum(len(rows) for _, rows in mix(per_source, random.Random(data.seed)))
+            rows -= min(rows, max(1, int(rows * data.eval_fraction)))  # prepare's hold-out: at least one example
+        sizes.append(rows)
+    if not all(sizes):
+        return None
+    return sum(mix_counts(sizes, [source.weight for source in data.sources]))
 
 
 def training_tokens(config: RunConfig, gpus: int, examples: int | None = None,

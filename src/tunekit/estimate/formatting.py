@@ -41,6 +41,8 @@ def format_estimate(result: dict) -> str:
         f"{result['method']} on {result['model']} ({result['model_type']}), {where}",
         f"params {result['params']:,}   trainable {result['trainable_params']:,} ({share:.2%})",
         f"shape: {result['shape_source']}",
+        *([f"lora adapts: {result['adapted']}; not adapted: {result['not_adapted'] or 'nothing'}"]
+          if result.get("adapted") else []),
         "",
         f"  {'':<13}{'per GPU':>10}{'all GPUs':>11}",
     ]

@@ -48,8 +48,9 @@ def config_shape(config: RunConfig, method: str | None = None) -> dict[str, Any]
                         len(config.model.add_tokens), config.model.revision)
 
 
-def _settings(config: RunConfig, method: str, device: str) -> dict[str, Any]:
-    """memory_bytes keyword arguments for `config` run as `method` (alternatives keep batch, length, optimizer)."""
+def _settings(config: RunConfig, method: str, device: str, default_attn: str = "sdpa") -> dict[str, Any]:
+    """memory_bytes keyword arguments for `config` run as `method` (alternatives keep batch, length, optimizer).
+    default_attn: the kernel model.attn_implementation auto loads for this model (the shape's attn_implementation)."""
     t = config.training
     if t.precision != "auto":
         precision = t.precision
@@ -68,7 +69,8 @@ def _settings(config: RunConfig, method: str, device: str) -> dict[str, Any]:
         "optim": t.optim, "zero_stage": stage, "offload_optimizer": offload_optimizer, "offload_param": offload_param,
         "micro_batch": t.per_device_train_batch_size, "seq_len": config.data.max_seq_len,
         "gradient_checkpointing": t.gradient_checkpointing, "lora_dropout": lora_settings(config).dropout,
-        "double_quant": qlora.double_quant, "attn_implementation": config.model.attn_implementation,
+        "double_quant": qlora.double_quant,
+        "attn_implementation": default_attn if config.model.attn_implementation == "auto" else config.model.attn_implementation,
         "deepspeed": ds is not None,
     }
 
@@ -96,7 +98,8 @@ def estimate(config: RunConfig, gpus: int | None = None, gpu_memory_gb: float | 
     sharing host RAM). The only I/O: the model's config (see shapes.py) and, when `examples` is None, the local data
     files.
 
-    Returns a JSON-serializable dict: model, model_type, shape_source, method, params, trainable_params, bytes (summed
+    Returns a JSON-serializable dict: model, model_type, shape_source, method, params, trainable_params, adapted and
+    not_adapted (LoRA/QLoRA: module and parameter names within a layer; None for full), bytes (summed
     over the job's GPUs), per_device, per_device_total, gpus, gpu_memory_bytes, fits, cpu_offload_bytes, tokens,
     flops, train_hours (wall), gpu_hours, cost_usd (None when tokens are unknown), alternatives (the same run as each
     method), assumptions. Time: `tokens_per_second` (the whole job's) when given, else FLOPs at `mfu` of
@@ -112,7 +115,7 @@ def estimate(config: RunConfig, gpus: int | None = None, gpu_memory_gb: float | 
             shapes[method] = config_shape(config, method)
         except UserError:  # a full run gets LoRA's default target names, which this architecture may not have
             pass
-    settings = _settings(config, config.method, device)
+    settings = _settings(config, config.method, device, shape["attn_implementation"])
     mem = memory_bytes(shape, gpus=gpus, **settings)
 
     tokens, tokens_how = training_tokens(config, gpus, examples, avg_tokens_per_example)
@@ -130,7 +133,7 @@ def estimate(config: RunConfig, gpus: int | None = None, gpu_memory_gb: float | 
 
     alternatives = {}
     for method in (m for m in ("full", "lora", "qlora") if m in shapes):
-        alt_settings = _settings(config, method, device)
+        alt_settings = _settings(config, method, device, shape["attn_implementation"])
         alt = memory_bytes(shapes[method], gpus=gpus, **alt_settings)
         needed_gpus = None  # on CPU more processes share the same RAM: adding them never helps
         if device == "cuda":
@@ -155,6 +158,9 @@ def estimate(config: RunConfig, gpus: int | None = None, gpu_memory_gb: float | 
         "device": device,
         "params": shape["params"],
         "trainable_params": shape["trainable_params"],
+        # what LoRA/QLoRA adapts and which weight matrices it leaves frozen (names within a layer), for one line
+        "adapted": shape["adapted"] if config.method != "full" else None,
+        "not_adapted": shape["not_adapted"] if config.method != "full" else None,
         "bytes": mem["job"],
         "per_device": mem["per_device"],
         "per_device_total": mem["per_device"]["total"],

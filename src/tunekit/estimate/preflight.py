@@ -32,11 +32,17 @@ class Machine:
 
 def preflight_check(config: RunConfig, device: str = "cuda", force: bool = False, machine: Machine | None = None,
                     **estimate_kwargs: Any) -> dict:
-    """Estimate the run for this machine; raise UserError when it cannot fit (unless `force` or the config allows it).
+    """Estimate the run for this machine; raise UserError when it cannot fit (unless `force` or the config allows it),
+    or when the attention kernel cannot run this model (`backends.common.attention_refusal`).
 
     machine: what the run trains on (default: probe_hardware(device)). On CPU the processes share host RAM, so the
     job's total is compared with the machine's physical memory. Returns the estimate (print it with format_estimate).
     """
+    from tunekit.backends.common import attention_refusal
+
+    refusal = attention_refusal(config)  # a kernel the model cannot run, or packing it cannot keep apart: refused
+    if refusal:                          # before the data is tokenized (from_pretrained checks again, with the load)
+        raise UserError(refusal)
     machine = machine or probe_hardware(device)
     result = estimate(config, gpus=machine.processes, gpu_memory_gb=machine.memory_gb, device=machine.device,
                       **estimate_kwargs)

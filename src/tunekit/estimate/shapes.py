@@ -83,20 +83,21 @@ def count_params(model_config_path_or_dir: str | Path, lora_cfg: LoraConfig | No
     """Parameter counts and the shapes the byte model needs, from the model's config (built on the meta device).
 
     Returns a dict ("shape") with: params (base model, adapter excluded), trainable_params (all for full; LoRA A/B of
-    every Linear/Embedding matched by lora.target_modules, r*(in+out) each, plus new token rows for lora/qlora),
+    the adapters peft puts on for lora.target_modules, plus new token rows for lora/qlora),
     lora_params, new_token_params, linear_params (Linear weights except lm_head: what bitsandbytes quantizes),
     matmul_params (params that do a matmul per token: all but a lookup-only input embedding), largest_module_params,
     lora_input_features (sum of in_features over adapted Linears, all layers), the architecture numbers
     hidden_size, num_layers, intermediate_size, num_attention_heads, num_key_value_heads, head_dim, vocab_size,
-    gated_mlp, tied_embeddings, model_type, and source (where the config came from, see shape_source).
+    gated_mlp, tied_embeddings, model_type, attn_implementation (the model's default kernel), adapted / not_adapted
+    (the pre-flight's "LoRA adapts ..." line) and source (where the config came from, see shape_source).
     Raises UserError when the config cannot be read or a name in lora.target_modules matches no module.
     """
     lora_cfg = lora_cfg if lora_cfg is not None else LoraConfig()
     name = str(model_config_path_or_dir)
     source = resolve_model_config(name)
     train_new_tokens = lora_cfg.train_new_token_embeddings
-    shape = dict(_model_shape(source, revision, tuple(lora_cfg.target_modules), lora_cfg.r, add_tokens,
-                              train_new_tokens))
+    targets = lora_cfg.target_modules if lora_cfg.all_linear else tuple(lora_cfg.target_modules)
+    shape = dict(_model_shape(source, revision, targets, lora_cfg.r, add_tokens, train_new_tokens))
     if method != "full" and shape["unmatched_targets"]:
         raise UserError(
             f"lora.target_modules: {shape['unmatched_targets']} not found in {name} "
@@ -155,12 +156,14 @@ def _alternatives() -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _model_shape(source: str, revision: str | None, targets: tuple[str, ...], r: int, add_tokens: int,
+def _model_shape(source: str, revision: str | None, targets: str | tuple[str, ...], r: int, add_tokens: int,
                  train_new_tokens: bool) -> dict[str, Any]:
-    """Build the model on the meta device once per (config, LoRA targets, rank) and walk its modules."""
+    """Build the model on the meta device once per (config, LoRA targets, rank) and walk its modules; the adapters are
+    put on by peft itself (on the meta device too), so their count is peft's, for every architecture."""
     import torch
     from torch import nn
     from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
 
     hf_config = load_hf_config(source, revision)
     hidden = hf_config.hidden_size
@@ -176,51 +179,88 @@ def _model_shape(source: str, revision: str | None, targets: tuple[str, ...], r:
     # The decoder layers: the ModuleList as long as the config's layer count (model.model.layers for Llama).
     n_layers = hf_config.num_hidden_layers
     layers = next((m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers), [])
-
     module_names = [name for name, _ in model.named_modules()]
+    layer_params = max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0)
+    largest_module = max(layer_params, input_emb.weight.numel(), output_emb.weight.numel() if output_emb is not None else 0)
 
-    def adapted(name: str) -> bool:
-        # peft's matching for a list of names: the full name or its last dotted part equals a target.
-        return any(name == t or name.endswith("." + t) for t in targets)
-
-    lora_params = linear_params = lora_input_features = 0
+    linear_params = 0
     linear_names: set[str] = set()
-    gated = False
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module is not output_emb:
+        # bitsandbytes quantizes nn.Linear and GPT-2's Conv1D (transposed), never the output head.
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not output_emb:
             linear_params += module.weight.numel()  # the bias (if any) stays in compute dtype under bitsandbytes
             linear_names.add(name.rsplit(".", 1)[-1])
-            gated = gated or name.endswith("gate_proj")
-            if adapted(name):
-                lora_params += r * (module.in_features + module.out_features)  # A: r x in, B: out x r
-                lora_input_features += module.in_features
-        elif isinstance(module, nn.Embedding) and adapted(name):
-            lora_params += r * (module.num_embeddings + module.embedding_dim)
+    unmatched = [] if isinstance(targets, str) else [
+        t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)]
+    adapters = _adapters(model, targets, r) if not unmatched else {"lora_params": 0, "lora_input_features": 0,
+                                                                    "adapted": "", "not_adapted": ""}
     # peft trainable tokens: a (new rows x hidden) delta on the input embedding, and on an untied lm_head too (a new
     # token must be predictable, not only readable).
     new_token_params = add_tokens * hidden * (1 if tied else 2) if train_new_tokens else 0
-    layer_params = max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0)
     heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or getattr(hf_config, "num_kv_heads", None) or heads
+    every_name = module_names + [name for name, _ in model.named_parameters()]
     return {
         "model_type": hf_config.model_type,
         "params": params,
-        "lora_params": lora_params,
+        "lora_params": adapters["lora_params"],
         "new_token_params": new_token_params,
         "linear_params": linear_params,
         "matmul_params": params - (0 if tied else input_emb.weight.numel()),
-        "largest_module_params": max(layer_params, input_emb.weight.numel(),
-                                     output_emb.weight.numel() if output_emb is not None else 0),
-        "lora_input_features": lora_input_features,
+        "largest_module_params": largest_module,
+        "lora_input_features": adapters["lora_input_features"],
         "linear_names": sorted(linear_names),
         # Like the LoRA backend, every target must name a module (peft itself only fails when none matches).
-        "unmatched_targets": [t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)],
+        "unmatched_targets": unmatched,
+        "adapted": adapters["adapted"],
+        "not_adapted": adapters["not_adapted"],
+        "attn_implementation": model.config._attn_implementation,  # what "auto" loads (Gemma 2: eager)
         "hidden_size": hidden,
         "num_layers": hf_config.num_hidden_layers,
-        "intermediate_size": getattr(hf_config, "intermediate_size", None) or 4 * hidden,
+        "intermediate_size": (getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "n_inner", None)
+                              or getattr(hf_config, "ffn_hidden_size", None) or 4 * hidden),
         "num_attention_heads": heads,
-        "num_key_value_heads": getattr(hf_config, "num_key_value_heads", None) or heads,
+        "num_key_value_heads": kv_heads,
         "head_dim": getattr(hf_config, "head_dim", None) or hidden // heads,
         "vocab_size": hf_config.vocab_size,
-        "gated_mlp": gated,
+        "gated_mlp": any(name.endswith(("gate_proj", "gate_up_proj", "w1")) for name in every_name),
         "tied_embeddings": tied,
     }
+
+
+def _adapters(model, targets: str | tuple[str, ...], r: int) -> dict[str, Any]:
+    """LoRA on the meta-device `model` as the backend puts it on (tunekit.lora_targets.peft_targets), counted: adapter
+    parameters, the in_features of every adapted Linear (their inputs are what LoRA keeps for backward) and two
+    lists for the pre-flight: what is adapted and which weight matrices are not."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import ParamWrapper
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    from tunekit.lora_targets import peft_targets
+
+    # Weight matrices (2-D and up: Linear, Conv1D, embeddings, fused experts, routers), before peft wraps them.
+    matrices = {_short(name.removesuffix(".weight")) for name, p in model.named_parameters() if p.dim() >= 2}
+    target_modules, target_parameters = peft_targets(model, targets if isinstance(targets, str) else list(targets))
+    peft_model = get_peft_model(model, PeftLoraConfig(r=r, target_modules=target_modules,
+                                                      target_parameters=target_parameters, task_type="CAUSAL_LM"))
+    lora_params = sum(p.numel() for name, p in peft_model.named_parameters() if ".lora_" in name)
+    adapted, in_features = set(target_parameters or []), 0  # already layer-relative names
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper):
+            adapted.add(_short(name))
+            base = module.get_base_layer()
+            if isinstance(base, (nn.Linear, Conv1D)):  # Conv1D stores its weight [in, out]
+                in_features += base.weight.shape[0] if isinstance(base, Conv1D) else base.in_features
+    return {"lora_params": lora_params, "lora_input_features": in_features,
+            "adapted": ", ".join(sorted(adapted)), "not_adapted": ", ".join(sorted(matrices - adapted))}
+
+
+def _short(name: str) -> str:
+    """A module's name without its model prefix and layer index: model.layers.3.self_attn.q_proj -> self_attn.q_proj,
+    lm_head -> lm_head (the same name in every layer is one entry of the pre-flight's lists)."""
+    parts = name.split(".")
+    numbered = [i for i, part in enumerate(parts) if part.isdigit()]
+    tail = parts[numbered[0] + 1:] if numbered else parts[-1:]
+    return ".".join(part for part in tail if part not in ("base_layer", "parametrizations", "original"))

@@ -1,0 +1,493 @@
+"""Training data at scale: each source read once into Arrow, tokenized by `datasets.map` in worker processes, cached
+as a memory-mapped dataset, prepared by one process while the others wait; then split, mixed and shuffled through
+index mappings, so no process ever holds the dataset as Python objects.
+
+Cache entry = one source, tokenized: <cache>/<key>/{raw.arrow, tokens*.arrow, meta.json}. The key covers all that
+changes tokens — the source's bytes, format, max_examples, tokenizer (vocabulary, normalizer, special tokens, chat
+template), max_seq_len, completion_only_loss and TOKENIZATION_VERSION — and nothing else: weights, the eval split,
+the seed and every training setting apply at load time as index selections. meta.json is written last, and the
+entry is renamed into place whole, so a half-written entry is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunekit.config import RunConfig, looks_local
+from tunekit.data import IGNORE_INDEX, checked_rows, eval_pair, iter_rows, render_with_mask, segments
+from tunekit.errors import UserError
+
+TOKENIZATION_VERSION = 3  # bump when tokens or masks change, so stale caches are not reused
+RAW_COLUMNS = {  # format -> the columns kept from each row (all strings; chat messages as JSON text)
+    "alpaca": ("instruction", "input", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+    "chat": ("messages",),
+}
+ROWS_PER_WORKER = 2_000  # below this a worker process costs more to start than it saves
+STREAM_SHUFFLE_BUFFER = 10_000  # examples held by a streamed source's shuffle buffer
+
+
+@dataclass
+class PreparedData:
+    """What the trainer needs: tokenized splits, the task metric's held-out prompts, and per-source statistics."""
+
+    train: Any  # datasets.Dataset (or IterableDataset when streaming) with input_ids, labels
+    eval: Any | None
+    eval_pairs: list[tuple[str, str]] = field(default_factory=list)  # (prompt text, expected completion)
+    stats: dict[str, dict] = field(default_factory=dict)  # source path -> counts and token share
+
+
+@dataclass
+class Source:
+    """One cached source: its raw rows and token columns (memory-mapped), and who tokenized it."""
+
+    raw: Any  # datasets.Dataset of RAW_COLUMNS[format]
+    tokens: Any  # datasets.Dataset: input_ids, labels, tokens_cut, loss_tokens, prompt_tokens
+    meta: dict
+
+
+# ---------------------------------------------------------------- the job's data
+
+
+def prepare_data(config: RunConfig, tokenizer, log=print) -> PreparedData:
+    """Tokenized train/eval sets for the run, mixed by source weight, with each source's statistics."""
+    import numpy as np
+
+    data = config.data
+    if data.streaming:
+        return _prepare_streaming(config, tokenizer, log)
+    sources = [load_source(s.path, s.format, s.split, s.max_examples, tokenizer, config, log) for s in data.sources]
+    rng = np.random.default_rng(data.seed)
+    train_rows = [np.arange(len(source.tokens)) for source in sources]
+    held_rows = None
+    if data.eval_path is None and data.eval_fraction > 0:
+        train_rows[0], held_rows = hold_out(len(sources[0].tokens), data.eval_fraction, rng, data.sources[0].path)
+    counts = mix_counts([len(rows) for rows in train_rows], [s.weight for s in data.sources])
+    picked = [rows if count == len(rows) else np.sort(rng.choice(rows, count, replace=False))
+              for rows, count in zip(train_rows, counts)]
+
+    stats, kept = {}, []
+    for index, (spec, source, rows) in enumerate(zip(data.sources, sources, picked)):
+        columns = token_columns(source.tokens)
+        stats[spec.path] = source_stats(columns, rows) | {"prepared_by": source.meta["prepared_by"]}
+        audit_masks(f"data.sources[{index}]", spec.path, spec.format, columns, rows, config)
+        kept.append(rows[columns["loss_tokens"][rows] > 0])  # no loss token left after truncation: trains nothing
+    total_tokens = sum(s["tokens"] for s in stats.values()) or 1
+    for s in stats.values():
+        s["token_share"] = s["tokens"] / total_tokens
+
+    train = select_rows([source.tokens for source in sources], kept, rng)
+    if data.eval_path is not None:
+        eval_source = load_source(data.eval_path, data.sources[0].format, "train", None, tokenizer, config, log)
+        eval_rows = np.arange(len(eval_source.tokens))
+    else:
+        eval_source, eval_rows = sources[0], held_rows
+    evaluation, pairs = None, []
+    if eval_rows is not None:
+        loss = token_columns(eval_source.tokens)["loss_tokens"][eval_rows]
+        if (loss > 0).any():
+            evaluation = select_rows([eval_source.tokens], [eval_rows[loss > 0]], None)
+        pairs = task_pairs(eval_source.raw, eval_rows, data.sources[0].format, tokenizer, config.eval.task_samples)
+    return PreparedData(train=train, eval=evaluation, eval_pairs=pairs, stats=stats)
+
+
+def hold_out(size: int, fraction: float, rng, path: str):
+    """(train rows, held-out rows) of the first source: a seeded random `fraction` of it, at least one example."""
+    import numpy as np
+
+    held = max(1, int(size * fraction))
+    if held >= size:
+        raise UserError(f"data.eval_fraction: {path} has {size} examples, too few to hold out {held}")
+    order = rng.permutation(size)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def mix_counts(sizes: list[int], weights: list[float]) -> list[int]:
+    """Examples drawn from each source so its share of examples equals weight/sum(weights), using as much data as
+    possible without repeating any example: the mixed size is the largest N with N*share_i <= size_i for every i."""
+    shares = [weight / sum(weights) for weight in weights]
+    total = min(size / share for size, share in zip(sizes, shares))
+    return [min(size, max(1, round(total * share))) for size, share in zip(sizes, shares)]
+
+
+def select_rows(datasets_: list, rows: list, rng):
+    """One training set from several tokenized sources: the chosen rows, in a seeded random order (rng None: file
+    order), as an index mapping over the memory-mapped files (no copy), with only the trainer's columns."""
+    import datasets
+    import numpy as np
+
+    offsets = np.cumsum([0] + [len(d) for d in datasets_[:-1]])
+    chosen = np.concatenate([offset + r for offset, r in zip(offsets, rows)])
+    if rng is not None:
+        chosen = rng.permutation(chosen)
+    joined = datasets_[0] if len(datasets_) == 1 else datasets.concatenate_datasets(datasets_)
+    return joined.select(chosen, keep_in_memory=True).select_columns(["input_ids", "labels"])
+
+
+def token_columns(tokens) -> dict:
+    """The per-example count columns as numpy arrays (4 bytes per example each; the token lists stay on disk)."""
+    table = tokens.data  # the memory-mapped Arrow table (no index mapping: load_source makes none)
+    return {name: table.column(name).to_numpy()  # int32; numpy sums them in int64
+            for name in ("tokens", "tokens_cut", "loss_tokens", "prompt_tokens")}
+
+
+def source_stats(columns: dict, rows) -> dict:
+    """Counts for the rows drawn from one source; `tokens`/`loss_tokens` over the examples that train."""
+    loss = columns["loss_tokens"][rows]
+    kept = rows[loss > 0]
+    return {
+        "examples": int(len(rows)),
+        "dropped_no_loss_tokens": int((loss == 0).sum()),
+        "truncated": int((columns["tokens_cut"][rows] > 0).sum()),
+        "tokens_cut": int(columns["tokens_cut"][rows].sum()),
+        "tokens": int(columns["tokens"][kept].sum()),
+        "loss_tokens": int(columns["loss_tokens"][kept].sum()),
+    }
+
+
+def audit_masks(key: str, path: str, fmt: str, columns: dict, rows, config: RunConfig) -> None:
+    """Stop before training when a source's loss mask cannot be right (silent mask failures are the field's most
+    common fine-tuning bug): no example keeps a loss token, or the prompt is never masked while completion_only_loss
+    is on. Examples that lost all loss tokens to truncation are dropped, with a warning."""
+    loss, prompt = columns["loss_tokens"][rows], columns["prompt_tokens"][rows]
+    if len(rows) and not (loss > 0).any():
+        cause = (f"every example was cut at data.max_seq_len={config.data.max_seq_len} before its completion; raise it"
+                 if (columns["tokens_cut"][rows] > 0).all() else
+                 "the loss mask is empty (check `tunekit inspect-data`: the chat template's assistant turns were not found)")
+        raise UserError(f"{key}: {path}: no example has a token that carries loss: {cause}")
+    if config.data.completion_only_loss and fmt != "text" and len(rows) and not (prompt[loss > 0] > 0).any():
+        raise UserError(f"{key}: {path}: every token carries loss although data.completion_only_loss is on: the "
+                        f"prompt is never masked (format {fmt}; check `tunekit inspect-data`)")
+    dropped = int((loss == 0).sum())
+    if dropped:
+        print(f"warning: {path}: {dropped} of {len(rows)} examples lost every loss token to truncation at "
+              f"data.max_seq_len={config.data.max_seq_len}; they are dropped (see the data table)")
+
+
+def task_pairs(raw, rows, fmt: str, tokenizer, limit: int) -> list[tuple[str, str]]:
+    """(prompt, expected completion) for the generation metric from the first `limit` held-out rows."""
+    pairs = []
+    for row in raw.select(rows[:limit], keep_in_memory=True):
+        pair = eval_pair(as_row(row, fmt), fmt, tokenizer)
+        if pair is not None:
+            pairs.append(pair)
+    return pairs
+
+
+def as_row(stored: dict, fmt: str) -> dict:
+    """A raw Arrow row back in the shape tunekit.data's formatters take (chat messages parsed)."""
+    return {**stored, "messages": json.loads(stored["messages"])} if fmt == "chat" else stored
+
+
+# ---------------------------------------------------------------- one source, cached
+
+
+def load_source(path: str, fmt: str, split: str, max_examples: int | None, tokenizer, config: RunConfig,
+                log=print) -> Source:
+    """The tokenized source from the cache, tokenizing it first when it is not there.
+
+    Under a launcher every process calls this; a file lock next to the entry lets the first one tokenize while the
+    others wait and then memory-map what it wrote (one per node when the cache is node-local, one per job when it is
+    shared). The log line says which process did the work.
+    """
+    from filelock import FileLock
+
+    key = source_key(path, fmt, split, max_examples, tokenizer, config)
+    root = cache_root(config)
+    entry = root / key
+    if not (entry / "meta.json").is_file():
+        made_root = not root.exists()
+        root.mkdir(parents=True, exist_ok=True)
+        lock = root / f"{key}.lock"
+        try:
+            with FileLock(str(lock)):
+                if not (entry / "meta.json").is_file():  # nobody finished it while this process waited
+                    _build_entry(entry, path, fmt, split, max_examples, tokenizer, config, log)
+        except UserError:  # bad data: leave nothing behind (the lock, a cache directory made for it)
+            lock.unlink(missing_ok=True)
+            if made_root and not any(root.iterdir()):
+                root.rmdir()
+            raise
+    source = _open_entry(entry)
+    if source.meta["prepared_by"] != this_process():
+        log(f"data: {path}: cache hit ({len(source.tokens):,} examples, tokenized by {source.meta['prepared_by']})")
+    return source
+
+
+def _open_entry(entry: Path) -> Source:
+    import datasets
+
+    meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+    token_files = [datasets.Dataset.from_file(str(entry / name)) for name in meta["token_files"]]
+    tokens = token_files[0] if len(token_files) == 1 else datasets.concatenate_datasets(token_files)
+    return Source(raw=datasets.Dataset.from_file(str(entry / "raw.arrow")), tokens=tokens, meta=meta)
+
+
+def _build_entry(entry: Path, path: str, fmt: str, split: str, max_examples: int | None, tokenizer,
+                 config: RunConfig, log) -> None:
+    """Read, check and write the raw rows (one streaming pass), tokenize them with worker processes, rename in."""
+    import shutil
+
+    started = time.time()
+    staging = entry.with_name(f"{entry.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        rows = write_raw(checked_rows(path, fmt, split, max_examples), fmt, staging / "raw.arrow")
+        workers = worker_count(config.data.num_proc, rows)
+        log(f"data: {path}: tokenizing {rows:,} examples in {workers} worker process{'es' * (workers > 1)} "
+            f"({this_process()})")
+        tokens = _tokenize_raw(staging / "raw.arrow", staging, fmt, path, split, tokenizer, config, workers)
+        meta = {"source": path, "format": fmt, "examples": rows, "prepared_by": this_process(),
+                "seconds": round(time.time() - started, 2), "workers": workers,
+                "token_files": sorted(Path(f["filename"]).name for f in tokens.cache_files),
+                "tokenization_version": TOKENIZATION_VERSION}
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")  # last: marks it complete
+        del tokens  # release the memory maps before the rename
+        if entry.exists():
+            shutil.rmtree(entry)  # an incomplete entry (no meta.json) left by a crash
+        os.replace(staging, entry)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"data: {path}: tokenized {rows:,} examples in {time.time() - started:.1f} s")
+
+
+def write_raw(rows, fmt: str, out: Path) -> int:
+    """Stream checked (where, row) pairs into an Arrow file of RAW_COLUMNS[fmt] (strings) plus `position` (the
+    example's index in the source, to name its line in an error); memory holds one batch. Returns the row count."""
+    import pyarrow as pa
+
+    names = RAW_COLUMNS[fmt]
+    schema = pa.schema([(name, pa.string()) for name in names] + [("position", pa.int64())])
+    batch: dict[str, list] = {name: [] for name in schema.names}
+    count = 0
+    with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for _, row in rows:
+            for name in names:
+                value = row.get(name)
+                batch[name].append(json.dumps(value, ensure_ascii=False) if name == "messages" else value)
+            batch["position"].append(count)
+            count += 1
+            if count % 10_000 == 0:
+                writer.write_batch(pa.RecordBatch.from_pydict(batch, schema=schema))
+                batch = {name: [] for name in schema.names}
+        if batch["position"]:
+            writer.write_batch(pa.RecordBatch.from_pydict(batch, schema=schema))
+    return count
+
+
+def _tokenize_raw(raw_file: Path, staging: Path, fmt: str, path: str, split: str, tokenizer, config: RunConfig,
+                  workers: int):
+    import datasets
+
+    raw = datasets.Dataset.from_file(str(raw_file))
+    return raw.map(
+        encode_rows, batched=True, batch_size=1000, num_proc=workers if workers > 1 else None,
+        remove_columns=raw.column_names, cache_file_name=str(staging / "tokens.arrow"),
+        new_fingerprint=staging.name, features=token_features(), desc=f"tokenizing {Path(path).name}",
+        fn_kwargs={"fmt": fmt, "tokenizer": tokenizer, "max_seq_len": config.data.max_seq_len,
+                   "completion_only": config.data.completion_only_loss, "path": path, "split": split},
+    )
+
+
+def encode_rows(batch: dict, fmt: str, tokenizer, max_seq_len: int, completion_only: bool, path: str,
+                split: str) -> dict:
+    """datasets.map function: a batch of raw columns -> token columns. A row the chat template refuses names its
+    line: the position is turned back into FILE:LINE by re-reading the source up to it (only on that error)."""
+    from tunekit.data import encode
+
+    names = RAW_COLUMNS[fmt]
+    pieces = []
+    for index in range(len(batch["position"])):
+        row = as_row({name: batch[name][index] for name in names}, fmt)
+        try:
+            pieces.append(segments(row, fmt, tokenizer))
+        except UserError as exc:
+            raise UserError(f"{where_of(path, split, batch['position'][index])}: {exc}") from None
+    columns = encode(pieces, tokenizer, max_seq_len, completion_only)
+    columns["tokens"] = [len(ids) for ids in columns["input_ids"]]
+    return columns
+
+
+def where_of(path: str, split: str, position: int) -> str:
+    """"FILE:LINE" (or "FILE row N") of the example at `position` of a source."""
+    for index, (where, _) in enumerate(iter_rows(path, split)):
+        if index == position:
+            return str(where)
+    return f"{path} example {position + 1}"
+
+
+def token_features():
+    from datasets import Features, List, Value
+
+    ids = List(Value("int32"))  # vocabularies fit in int32: half the disk and page cache of int64
+    counts = {name: Value("int32") for name in ("tokens", "tokens_cut", "loss_tokens", "prompt_tokens")}
+    return Features({"input_ids": ids, "labels": ids, **counts})
+
+
+def worker_count(num_proc: int | None, rows: int) -> int:
+    """data.num_proc, default the cores this process may use (a Slurm/cgroup CPU set, not the whole machine),
+    capped so each worker gets ROWS_PER_WORKER rows at least."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(num_proc or cores, rows // ROWS_PER_WORKER))
+
+
+def this_process() -> str:
+    """"rank R of N on HOST (pid P)" under a launcher, "HOST (pid P)" alone: the log's answer to who did the work."""
+    host, pid = socket.gethostname(), os.getpid()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} on {host} (pid {pid})"
+    return f"{host} (pid {pid})"
+
+
+def cache_root(config: RunConfig) -> Path:
+    default = Path.home() / ".cache" / "tunekit" / "data"
+    return Path(config.data.cache_dir or os.environ.get("TUNEKIT_DATA_CACHE") or default)
+
+
+def source_key(path: str, fmt: str, split: str, max_examples: int | None, tokenizer, config: RunConfig) -> str:
+    """The cache key: everything that changes this source's tokens, and nothing else."""
+    material = {
+        "version": TOKENIZATION_VERSION,
+        "source": source_identity(path, split),
+        "format": fmt,
+        "max_examples": max_examples,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_seq_len": config.data.max_seq_len,
+        "completion_only_loss": config.data.completion_only_loss,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def source_identity(path: str, split: str) -> str:
+    """sha256 of a local file's bytes (its content, wherever it lives; ~1 GB/s); for a hub dataset, its name,
+    split and datasets' own fingerprint of the downloaded data."""
+    if looks_local(path):
+        try:
+            with open(path, "rb") as handle:
+                return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+    import datasets
+
+    try:
+        return f"hub:{path}:{split}:{datasets.load_dataset(path, split=split)._fingerprint}"
+    except Exception as exc:  # the hub client raises many types; the user needs one line
+        from tunekit.errors import first_line
+
+        raise UserError(f"{path}: could not load dataset (split {split}): {first_line(exc, with_type=False)}") from None
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Everything about a tokenizer that changes tokens: the fast tokenizer's full serialization (vocabulary,
+    merges, normalizer, pre-tokenizer, added tokens) or a slow one's vocabulary, plus the special tokens, the chat
+    template and the class."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = [tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token,
+             type(tokenizer).__name__, getattr(tokenizer, "add_bos_token", None)]
+    return hashlib.sha256((body + json.dumps(extra, default=str)).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def _prepare_streaming(config: RunConfig, tokenizer, log) -> PreparedData:
+    """Sources read and tokenized on the fly, shuffled in a buffer, mixed by weight (as probabilities: in
+    expectation, not exactly); nothing is cached. Eval, from data.eval_path, is prepared as usual."""
+    import datasets
+    import numpy as np
+
+    data = config.data
+    streams = [_stream(s.path, s.format, s.split, s.max_examples, tokenizer, config, data.seed + i)
+               for i, s in enumerate(data.sources)]
+    weights = [s.weight for s in data.sources]
+    train = streams[0] if len(streams) == 1 else datasets.interleave_datasets(
+        streams, probabilities=[w / sum(weights) for w in weights], seed=data.seed, stopping_strategy="first_exhausted")
+    evaluation, pairs = None, []
+    if data.eval_path is not None:
+        eval_source = load_source(data.eval_path, data.sources[0].format, "train", None, tokenizer, config, log)
+        rows = np.arange(len(eval_source.tokens))
+        loss = token_columns(eval_source.tokens)["loss_tokens"]
+        evaluation = select_rows([eval_source.tokens], [rows[loss > 0]], None) if (loss > 0).any() else None
+        pairs = task_pairs(eval_source.raw, rows, data.sources[0].format, tokenizer, config.eval.task_samples)
+    log(f"data: streaming {len(streams)} source(s); nothing is tokenized ahead of training")
+    return PreparedData(train=train, eval=evaluation, eval_pairs=pairs,
+                        stats={s.path: {"streaming": True, "weight": s.weight} for s in data.sources})
+
+
+def _stream(path: str, fmt: str, split: str, max_examples: int | None, tokenizer, config: RunConfig, seed: int):
+    import datasets
+
+    names = RAW_COLUMNS[fmt]
+    features = datasets.Features({**{name: datasets.Value("string") for name in names},
+                                  "position": datasets.Value("int64")})
+    stream = datasets.IterableDataset.from_generator(
+        _raw_records, features=features, gen_kwargs={"path": path, "fmt": fmt, "split": split,
+                                                     "max_examples": max_examples})
+    stream = stream.map(encode_rows, batched=True, batch_size=256, remove_columns=list(features),
+                        fn_kwargs={"fmt": fmt, "tokenizer": tokenizer, "max_seq_len": config.data.max_seq_len,
+                                   "completion_only": config.data.completion_only_loss, "path": path, "split": split})
+    stream = stream.filter(lambda loss: [n > 0 for n in loss], input_columns="loss_tokens", batched=True)
+    stream = stream.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_BUFFER)
+    return stream.select_columns(["input_ids", "labels"])
+
+
+def _raw_records(path: str, fmt: str, split: str, max_examples: int | None):
+    for position, (_, row) in enumerate(checked_rows(path, fmt, split, max_examples)):
+        record = {name: row.get(name) for name in RAW_COLUMNS[fmt]}
+        if fmt == "chat":
+            record["messages"] = json.dumps(record["messages"], ensure_ascii=False)
+        yield {**record, "position": position}
+
+
+# ---------------------------------------------------------------- the report
+
+
+def data_table(stats: dict[str, dict]) -> str:
+    """The per-source table `tunekit prepare` and `inspect-data` print."""
+    lines = [f"{'source':<40} {'examples':>9} {'tokens':>11} {'loss tok':>11} {'share':>6} {'truncated':>9} "
+             f"{'dropped':>7}"]
+    for path, s in stats.items():
+        if s.get("streaming"):
+            lines.append(f"{path[-40:]:<40} streamed (weight {s['weight']:g}): counted only as training reads it")
+            continue
+        lines.append(f"{path[-40:]:<40} {s['examples']:>9,} {s['tokens']:>11,} {s['loss_tokens']:>11,} "
+                     f"{s['token_share']:>6.1%} {s['truncated']:>9,} {s['dropped_no_loss_tokens']:>7,}")
+    return "\n".join(lines)
+
+
+def inspect_data(config: RunConfig, num_samples: int = 3) -> str:
+    """A text report: a few formatted samples with loss tokens marked «like this», the end-of-turn check, and each
+    source's token share after truncation and mixing."""
+    from itertools import islice
+
+    from tunekit.backends.common import load_tokenizer
+    from tunekit.chat import end_of_turn_token
+
+    tokenizer = load_tokenizer(config)
+    prepared = prepare_data(config, tokenizer)
+    end = end_of_turn_token(tokenizer) if any(s.format == "chat" for s in config.data.sources) else None
+    end = end or tokenizer.eos_token
+    end_id = tokenizer.convert_tokens_to_ids(end) if end else None
+    lines = [f"tokenizer: {config.model.name_or_path}  (eos={tokenizer.eos_token!r}, bos={tokenizer.bos_token!r}, "
+             f"end of turn={end!r})", ""]
+    samples = list(islice(iter(prepared.train), 200))
+    for number, example in enumerate(samples[:num_samples]):
+        lines += [f"--- sample {number + 1} ({len(example['input_ids'])} tokens; «...» = carries loss)",
+                  render_with_mask(example["input_ids"], example["labels"], tokenizer), ""]
+    trained = sum(1 for e in samples if end_id in [label for label in e["labels"] if label != IGNORE_INDEX])
+    lines.append(f"end token {end!r} carries loss in {trained}/{len(samples)} sampled examples"
+                 + ("" if trained else "  <-- WARNING: the model will not learn to stop"))
+    lines += ["", data_table(prepared.stats)]
+    eval_size = len(prepared.eval) if prepared.eval is not None else 0
+    lines.append(f"eval: {eval_size} examples, {len(prepared.eval_pairs)} prompts for the task metric")
+    return "\n".join(lines)
