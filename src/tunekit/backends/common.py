@@ -359,6 +359,7 @@ def from_pretrained(config: RunConfig, **extra: Any):
     except Exception as exc:  # noqa: BLE001 - unknown model_type, corrupt safetensors, bad config.json, no weights...
         raise UserError(f"model.name_or_path: cannot load {config.model.name_or_path}: {first_line(exc)}") from None
 
+
 def stop_generation_config(model, tokenizer):
     """A copy of `model`'s generation config (a peft model: its base's) whose eos_token_id holds the model's own eos
     ids, the tokenizer's eos and the chat template's end-of-turn token (`chat.end_of_turn_token`), in that order.
