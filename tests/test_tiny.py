@@ -221,9 +221,13 @@ model = AutoModelForCausalLM.from_pretrained(base)
 rows, generate = [], model.generate
 model.generate = lambda **kw: rows.append(len(kw["input_ids"])) or generate(**kw)
 score = exact_match(model, tok, pairs, max_new_tokens=6, batch_size=2)
-json.dump({"score": score, "rows": sum(rows), "calls": len(rows)}, open(f"{out}/rank{dist.get_rank()}.json", "w"))
+with open(f"{out}/rank{dist.get_rank()}.json", "w") as handle:
+    json.dump({"score": score, "rows": sum(rows), "calls": len(rows)}, handle)
 dist.barrier()  # gloo aborts ('terminate called without an active exception') if a peer leaves first
 dist.destroy_process_group()
+# The abort can still come from gloo's threads at interpreter teardown (seen in CI, ~1 run in 20): the results are
+# written, so leave without running the C++ static destructors.
+import os; os._exit(0)
 """
 
 
