@@ -27,3 +27,11 @@ def _layer_relative(name: str) -> str:
     parts = name.split(".")
     numbered = [i for i, part in enumerate(parts) if part.isdigit()]
     return ".".join(parts[numbered[-1] + 1:]) if numbered else name
+
+
+def unmatched_targets(module_names: list[str], target_modules: str | list[str]) -> list[str]:
+    """The names in an explicit target list that match no module (peft's rule: the full dotted name or its tail after
+    a dot). peft itself fails only when none matches; tunekit wants every name to mean something. all-linear: none."""
+    if target_modules == ALL_LINEAR:
+        return []
+    return [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in module_names)]

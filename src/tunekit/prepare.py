@@ -85,18 +85,27 @@ def prepare_data(config: RunConfig, tokenizer, log=print) -> PreparedData:
         s["token_share"] = s["tokens"] / total_tokens
 
     train = select_rows([source.tokens for source in sources], kept, rng)
-    if data.eval_path is not None:
-        eval_source = load_source(data.eval_path, data.sources[0].format, "train", None, tokenizer, config, log)
-        eval_rows = np.arange(len(eval_source.tokens))
-    else:
-        eval_source, eval_rows = sources[0], held_rows
-    evaluation, pairs = None, []
-    if eval_rows is not None:
-        loss = token_columns(eval_source.tokens)["loss_tokens"][eval_rows]
-        if (loss > 0).any():
-            evaluation = select_rows([eval_source.tokens], [eval_rows[loss > 0]], None)
-        pairs = task_pairs(eval_source.raw, eval_rows, data.sources[0].format, tokenizer, config.eval.task_samples)
+    held = (sources[0], held_rows) if held_rows is not None else None
+    evaluation, pairs = eval_split(config, tokenizer, log, held)
     return PreparedData(train=train, eval=evaluation, eval_pairs=pairs, stats=stats)
+
+
+def eval_split(config: RunConfig, tokenizer, log, held: tuple[Source, Any] | None = None):
+    """(eval dataset or None, task-metric pairs): data.eval_path whole, else `held` = (source, its held-out rows),
+    else none. Examples without a loss token are left out of the eval loss (they would divide by zero tokens)."""
+    import numpy as np
+
+    data = config.data
+    if data.eval_path is not None:
+        source = load_source(data.eval_path, data.sources[0].format, "train", None, tokenizer, config, log)
+        rows = np.arange(len(source.tokens))
+    elif held is not None:
+        source, rows = held
+    else:
+        return None, []
+    loss = token_columns(source.tokens)["loss_tokens"][rows]
+    evaluation = select_rows([source.tokens], [rows[loss > 0]], None) if (loss > 0).any() else None
+    return evaluation, task_pairs(source.raw, rows, data.sources[0].format, tokenizer, config.eval.task_samples)
 
 
 def hold_out(size: int, fraction: float, rng, path: str):
@@ -271,9 +280,8 @@ def write_raw(rows, fmt: str, out: Path) -> int:
     count = 0
     with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for _, row in rows:
-            for name in names:
-                value = row.get(name)
-                batch[name].append(json.dumps(value, ensure_ascii=False) if name == "messages" else value)
+            for name, value in raw_record(row, fmt).items():
+                batch[name].append(value)
             batch["position"].append(count)
             count += 1
             if count % 10_000 == 0:
@@ -404,7 +412,6 @@ def _prepare_streaming(config: RunConfig, tokenizer, log) -> PreparedData:
     """Sources read and tokenized on the fly, shuffled in a buffer, mixed by weight (as probabilities: in
     expectation, not exactly); nothing is cached. Eval, from data.eval_path, is prepared as usual."""
     import datasets
-    import numpy as np
 
     data = config.data
     streams = [_stream(s.path, s.format, s.split, s.max_examples, tokenizer, config, data.seed + i)
@@ -412,13 +419,7 @@ def _prepare_streaming(config: RunConfig, tokenizer, log) -> PreparedData:
     weights = [s.weight for s in data.sources]
     train = streams[0] if len(streams) == 1 else datasets.interleave_datasets(
         streams, probabilities=[w / sum(weights) for w in weights], seed=data.seed, stopping_strategy="first_exhausted")
-    evaluation, pairs = None, []
-    if data.eval_path is not None:
-        eval_source = load_source(data.eval_path, data.sources[0].format, "train", None, tokenizer, config, log)
-        rows = np.arange(len(eval_source.tokens))
-        loss = token_columns(eval_source.tokens)["loss_tokens"]
-        evaluation = select_rows([eval_source.tokens], [rows[loss > 0]], None) if (loss > 0).any() else None
-        pairs = task_pairs(eval_source.raw, rows, data.sources[0].format, tokenizer, config.eval.task_samples)
+    evaluation, pairs = eval_split(config, tokenizer, log)
     log(f"data: streaming {len(streams)} source(s); nothing is tokenized ahead of training")
     return PreparedData(train=train, eval=evaluation, eval_pairs=pairs,
                         stats={s.path: {"streaming": True, "weight": s.weight} for s in data.sources})
@@ -443,10 +444,15 @@ def _stream(path: str, fmt: str, split: str, max_examples: int | None, tokenizer
 
 def _raw_records(path: str, fmt: str, split: str, max_examples: int | None):
     for position, (_, row) in enumerate(checked_rows(path, fmt, split, max_examples)):
-        record = {name: row.get(name) for name in RAW_COLUMNS[fmt]}
-        if fmt == "chat":
-            record["messages"] = json.dumps(record["messages"], ensure_ascii=False)
-        yield {**record, "position": position}
+        yield {**raw_record(row, fmt), "position": position}
+
+
+def raw_record(row: dict, fmt: str) -> dict:
+    """A checked row as its RAW_COLUMNS[fmt] strings (chat messages as JSON text: any message keys survive)."""
+    record = {name: row.get(name) for name in RAW_COLUMNS[fmt]}
+    if fmt == "chat":
+        record["messages"] = json.dumps(record["messages"], ensure_ascii=False)
+    return record
 
 
 # ---------------------------------------------------------------- the report

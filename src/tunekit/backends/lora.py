@@ -11,7 +11,7 @@ import torch
 from tunekit.backends.common import from_pretrained, resize_for_new_tokens, zero_stage
 from tunekit.config import LoraRunConfig, QloraRunConfig, RunConfig, where
 from tunekit.errors import UserError, first_line
-from tunekit.lora_targets import peft_targets
+from tunekit.lora_targets import peft_targets, unmatched_targets
 
 
 def build_model(config: LoraRunConfig, tokenizer):
@@ -35,12 +35,10 @@ def build_model(config: LoraRunConfig, tokenizer):
             model, use_gradient_checkpointing=config.training.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    if not config.lora.all_linear:
-        names = [n for n, _ in model.named_modules()]
-        missing = [t for t in config.lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
-        if missing:
-            raise UserError(f"{where(config, 'lora.target_modules')}: {missing} not found in "
-                            f"{config.model.name_or_path}; all-linear adapts every linear layer whatever it is called")
+    missing = unmatched_targets([name for name, _ in model.named_modules()], config.lora.target_modules)
+    if missing:
+        raise UserError(f"{where(config, 'lora.target_modules')}: {missing} not found in "
+                        f"{config.model.name_or_path}; all-linear adapts every linear layer whatever it is called")
     target_modules, target_parameters = peft_targets(model, config.lora.target_modules)
     lora = LoraConfig(
         r=config.lora.r,

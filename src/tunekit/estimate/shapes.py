@@ -165,6 +165,8 @@ def _model_shape(source: str, revision: str | None, targets: str | tuple[str, ..
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
+    from tunekit.lora_targets import unmatched_targets
+
     hf_config = load_hf_config(source, revision)
     hidden = hf_config.hidden_size
     # New tokens grow the embedding (and an untied lm_head) by exactly add_tokens rows (resize without padding).
@@ -190,8 +192,7 @@ def _model_shape(source: str, revision: str | None, targets: str | tuple[str, ..
         if isinstance(module, (nn.Linear, Conv1D)) and module is not output_emb:
             linear_params += module.weight.numel()  # the bias (if any) stays in compute dtype under bitsandbytes
             linear_names.add(name.rsplit(".", 1)[-1])
-    unmatched = [] if isinstance(targets, str) else [
-        t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)]
+    unmatched = unmatched_targets(module_names, targets if isinstance(targets, str) else list(targets))
     adapters = _adapters(model, targets, r) if not unmatched else {"lora_params": 0, "lora_input_features": 0,
                                                                     "adapted": "", "not_adapted": ""}
     # peft trainable tokens: a (new rows x hidden) delta on the input embedding, and on an untied lm_head too (a new
