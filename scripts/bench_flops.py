@@ -7,7 +7,7 @@
    Measured before and after the training runs, since the machine's load changes.
 2. A random-init Llama of ~27M parameters (hidden 512, 8 layers, SwiGLU 1408, the tiny base's tokenizer): the
    largest that keeps this section near 1.5 minutes on one core. Full fine-tuning of it with `tunekit train`
-   (method full: DeepSpeed ZeRO-3 with a world of one process, as a plain `tunekit train` runs it), 2 packed rows of
+   (configs/tiny-full-zero3.yaml's deepspeed.stage 3 with a world of one process; bench_full.py has stage auto), 2 packed rows of
    256 tokens per step, fp32, on the base's general-text file; and again with deepspeed.stage 0, which keeps the
    DeepSpeed engine but drops ZeRO-3's per-module gather/release hooks (what sharding costs on one process).
 3. The same model and batch shape in a bare PyTorch loop (forward, backward, AdamW step): what PyTorch itself reaches

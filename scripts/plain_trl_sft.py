@@ -1,11 +1,12 @@
-"""The baseline tunekit is measured against: a plain, hand-written TRL SFTTrainer + peft LoRA script, what a user
-writes without tunekit. Alpaca jsonl -> prompt/completion rows, completion-only loss, no eval, fp32 on CPU.
+"""The baseline tunekit is measured against: a plain, hand-written TRL SFTTrainer + peft LoRA script (or, with
+--method full, a plain full fine-tune: every weight trains, no peft, no DeepSpeed), what a user writes without
+tunekit. Alpaca jsonl -> prompt/completion rows, completion-only loss, no eval, fp32 on CPU.
 
-    python scripts/plain_trl_sft.py --out /tmp/plain --steps 40 --result /tmp/plain.json
+    python scripts/plain_trl_sft.py --out /tmp/plain --steps 40 --result /tmp/plain.json [--method full]
 
 bench_trl.py passes it the settings of configs/tiny-lora.yaml (rank, alpha, targets, lr, batch, steps, max_length,
-seed, schedule), so both runs train the same model on the same data the same way. The only lines a user would not
-write are the --result JSON at the end (benchmark bookkeeping).
+seed, schedule), bench_full.py those of configs/tiny-full-zero3.yaml, so both runs train the same model on the same
+data the same way. The only lines a user would not write are the --result JSON at the end (benchmark bookkeeping).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="artifacts/tiny-base")
     p.add_argument("--data", default="artifacts/demo-data/train.jsonl", help="alpaca jsonl (instruction/input/output)")
     p.add_argument("--out", required=True)
+    p.add_argument("--method", choices=["lora", "full"], default="lora", help="full: every weight trains (no peft)")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
     p.add_argument("--dropout", type=float, default=0.05)
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=args.num_proc,
     )
-    peft_config = LoraConfig(
+    peft_config = None if args.method == "full" else LoraConfig(
         r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=args.targets.split(","),
         bias="none", task_type="CAUSAL_LM",
     )

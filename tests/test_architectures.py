@@ -218,9 +218,8 @@ def test_qlora_refuses_an_architecture_bitsandbytes_leaves_unquantized(base, dat
 
 @pytest.mark.slow
 def test_full_fine_tuning_and_export(base, data, workdir):
-    """Full FT runs under DeepSpeed (ZeRO-3, one CPU process), whose process-wide state (zero.Init stays on) must not
-    leak into the other tests or into the next command: every train and export runs in its own process, as a user
-    runs them."""
+    """Full FT in one CPU process (deepspeed.stage auto: the plain Trainer). Every train and export runs in its own
+    process, as a user runs them (and as when full FT ran under ZeRO-3, whose process-wide state outlives a run)."""
     runs = {family: workdir / f"full-{family}" for family in FULL_SUBSET}
     for family, run in runs.items():
         config = write_config(workdir / f"full-{family}.yaml", "full", base(family), data, run)

@@ -37,8 +37,23 @@ def make_config(tmp_path, tiny_base, method="full", extra: str = "") -> Path:
 # ---------------------------------------------------------------- the DeepSpeed config
 
 
-def test_full_defaults_to_zero3_with_a_consolidated_save(tmp_path, tiny_base):
-    ds = ds_backend.deepspeed_config(config_mod.load(make_config(tmp_path, tiny_base)))
+def test_full_defaults_to_stage_auto_and_zero3_saves_consolidated(tmp_path, tiny_base):
+    from tunekit.estimate.stage import choose_zero
+
+    config = config_mod.load(make_config(tmp_path, tiny_base))
+    assert config.deepspeed.stage == "auto"
+    with pytest.raises(ValueError, match="deepspeed.stage is auto"):  # never generated before the machine decides
+        ds_backend.deepspeed_config(config)
+    # One process: the plain Trainer, no DeepSpeed config at all; config.yaml keeps "auto" (the original is untouched).
+    alone = ds_backend.resolve_stage(config, choose_zero(config, 1, 80))
+    assert alone.deepspeed is None and ds_backend.deepspeed_config(alone) is None and config.deepspeed.stage == "auto"
+    # A stage auto chose is generated exactly like the same stage written in the config.
+    zero3 = {"deepspeed": True, "stage": 3, "offload_optimizer": False, "offload_param": False}
+    chosen = ds_backend.resolve_stage(config, zero3)
+    written = config_mod.load(make_config(tmp_path, tiny_base, extra="deepspeed:\n  stage: 3\n"))
+    assert ds_backend.deepspeed_config(chosen) == ds_backend.deepspeed_config(written)
+    assert ds_backend.resolve_stage(written, {"deepspeed": False}) is written  # an explicit stage stays as given
+    ds = ds_backend.deepspeed_config(chosen)
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
     assert "offload_optimizer" not in zero and "offload_param" not in zero
@@ -148,6 +163,48 @@ def fixture_overrides(tmp_path, tiny_base, demo_data, steps: int) -> list[str]:
             "--set", "eval.max_new_tokens=4", "--set", f"eval.general={Path(tiny_base) / 'general_eval.jsonl'}"]
 
 
+# Runs `tunekit train ...` under the launcher with every module's forward watched while the task metric and the
+# general-text loss run: the most parameter elements whole (ZeRO-3 status AVAILABLE) on this rank at any forward,
+# before the engine exists ("before") and after training ("after"), written to OUT.RANK.json.
+GATHER_PROBE = """
+import json, sys
+import torch.distributed as dist
+import tunekit.evaluate, tunekit.forgetting
+from tunekit.cli import main
+
+out = sys.argv[1]
+record = {"before": 0, "after": 0, "calls": [], "largest_module": 0, "whole": 0}
+
+def measured(function):
+    def wrapper(model, *args, **kwargs):
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        params = list(model.parameters())
+        phase = "after" if hasattr(model, "ds_id") else "before"  # ds_id: the engine's hooks are on the model
+        record["calls"].append(phase)
+        record["whole"] = sum(p.ds_numel for p in params)
+        record["largest_module"] = max(sum(p.ds_numel for p in m.parameters(recurse=False)) for m in model.modules())
+
+        def watch(module, *_):
+            whole = sum(p.ds_numel for p in params if p.ds_status == ZeroParamStatus.AVAILABLE)
+            record[phase] = max(record[phase], whole)
+
+        handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(watch), m.register_forward_hook(watch))]
+        try:
+            return function(model, *args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return wrapper
+
+tunekit.evaluate.exact_match = measured(tunekit.evaluate.exact_match)
+tunekit.forgetting.general_loss = measured(tunekit.forgetting.general_loss)
+code = main(sys.argv[2:])
+json.dump(record, open(f"{out}.{dist.get_rank()}.json", "w"))
+sys.exit(code)
+"""
+
+
 @pytest.mark.slow
 def test_full_zero3_two_processes_shards_learns_and_saves_a_loadable_model(tmp_path, tiny_base, demo_data):
     import torch
@@ -155,26 +212,44 @@ def test_full_zero3_two_processes_shards_learns_and_saves_a_loadable_model(tmp_p
     from transformers import AutoModelForCausalLM
 
     steps = 16
-    launch(tmp_path, ["-m", "tunekit", "train", "configs/tiny-full-zero3.yaml",
+    probe = tmp_path / "probe.py"
+    probe.write_text(GATHER_PROBE)
+    launch(tmp_path, [str(probe), str(tmp_path / "gathered"), "train", "configs/tiny-full-zero3.yaml",
                       *fixture_overrides(tmp_path, tiny_base, demo_data, steps)])
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["zero_stage"] == 3 and summary["steps"] == steps
+    assert summary["zero"]["stage"] == 3 and summary["zero"]["reason"] == "as configured"
     assert summary["train_loss_last"] < summary["train_loss_first"]
-    # The task metric and the forgetting monitor ran under ZeRO-3 (generation on sharded weights, both ranks).
+    # The task metric and the forgetting monitor ran under ZeRO-3 (generation on sharded weights, both ranks)...
     assert summary["task_metric_before"] is not None and summary["task_metric_after"] is not None
     assert summary["general_loss_base"] is not None
-    # After training the weights are gathered once (engine hooks off) and the prompts split across the 2 ranks: the
-    # score equals the saved model's, scored in this single process on the same 8 prompts.
+    # ...with no whole copy of the model on either rank before training: our hooks gather one module's own
+    # parameters at a time, so at most the largest module (here the 1068 x 128 embedding, 1/8 of the model) is
+    # whole. After training the engine's hooks gather per module too, but keep up to stage3_max_live_parameters
+    # (1e9 elements by DeepSpeed's default) cached: for this 1M-parameter model that is all of it.
+    for rank in (0, 1):
+        gathered = json.loads((tmp_path / f"gathered.{rank}.json").read_text())
+        assert {"before", "after"} <= set(gathered["calls"])
+        assert 0 < gathered["before"] <= gathered["largest_module"] < gathered["whole"] / 4, gathered
+        assert 0 < gathered["after"] <= gathered["whole"]
+    # The scores are the ones a single process gets on whole weights: the base model's before training, the saved
+    # model's after (8 prompts split over the 2 ranks).
     from transformers import AutoTokenizer
 
     from tunekit.data import eval_pair, read_rows
     from tunekit.evaluate import exact_match
+    from tunekit.forgetting import general_loss
 
     tokenizer = AutoTokenizer.from_pretrained(run / "final")
     pairs = [eval_pair(row, "alpaca", tokenizer) for row in read_rows(str(demo_data["eval"]), "alpaca")][:8]
     trained = AutoModelForCausalLM.from_pretrained(run / "final")
     assert exact_match(trained, tokenizer, pairs, max_new_tokens=4, batch_size=8) == summary["task_metric_after"]
+    original = AutoModelForCausalLM.from_pretrained(tiny_base)
+    assert exact_match(original, tokenizer, pairs, max_new_tokens=4, batch_size=8) == summary["task_metric_before"]
+    texts = [row["text"] for row in read_rows(str(Path(tiny_base) / "general_eval.jsonl"), "text")]
+    base_loss = general_loss(original, tokenizer, texts, 128, 8)  # tiny-full-zero3.yaml: max_seq_len 128, eval batch 8
+    assert summary["general_loss_base"] == pytest.approx(base_loss, rel=1e-6)
 
     # Sharded: rank 0 held ~half of every weight while training (padding makes it a little more than 1/2)...
     assert 0.5 <= summary["zero3_local_param_fraction"] < 0.55

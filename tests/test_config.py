@@ -60,7 +60,8 @@ def test_defaults_follow_the_seeds(tmp_path):
     assert cfg.model.trust_remote_code is False
     full = config_mod.load(write_config(tmp_path, GOOD.replace("method: lora", "method: full")))
     assert full.learning_rate == 2e-5
-    assert full.deepspeed is not None and full.deepspeed.stage == 3  # full FT defaults to ZeRO-3
+    # Full FT defaults to the ZeRO set-up that fits the machine (estimate/stage.py): no DeepSpeed in one process.
+    assert full.deepspeed is not None and full.deepspeed.stage == "auto"
 
 
 def test_overrides_reach_the_listed_keys(tmp_path):
@@ -157,6 +158,9 @@ def test_no_field_holds_a_plain_text_secret():
         (("data:", "deepspeed:\n  config: {{train_batch_size: 8}}\ndata:"),
          ":6: deepspeed.config: no zero_optimization.stage in the DeepSpeed config"),
         (("data:", "deepspeed:\n  stage: 2\n  offload_param: true\ndata:"), ":7: deepspeed.offload_param: needs deepspeed.stage 3"),
+        (("data:", "deepspeed:\n  offload_optimizer: true\ndata:"),
+         ":6: deepspeed.offload_optimizer: needs an explicit deepspeed.stage (auto offloads by itself"),
+        (("data:", "deepspeed:\n  stage: 4\ndata:"), ":6: deepspeed.stage: "),
     ],
 )
 def test_what_the_method_does_not_use_and_what_yaml_would_hide_are_errors(tmp_path, edit, expected):
@@ -203,7 +207,7 @@ def test_each_method_gets_only_its_sections(tmp_path):
     full = config_mod.load(write_config(tmp_path, GOOD.replace("method: lora", "method: full")))
     qlora = config_mod.load(write_config(tmp_path, GOOD.replace("method: lora", "method: qlora")))
     lora = config_mod.load(write_config(tmp_path, GOOD))
-    assert not hasattr(full, "lora") and not hasattr(full, "qlora") and full.deepspeed.stage == 3
+    assert not hasattr(full, "lora") and not hasattr(full, "qlora") and full.deepspeed.stage == "auto"
     assert hasattr(lora, "lora") and not hasattr(lora, "qlora") and lora.deepspeed is None
     assert qlora.qlora.quant_type == "nf4" and qlora.MAX_ZERO_STAGE == 2 and lora.MAX_ZERO_STAGE == 3
 

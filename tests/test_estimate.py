@@ -409,7 +409,14 @@ def test_cli_estimate_json(tmp_path, capsys):
 def test_cli_estimate_table(tmp_path, capsys):
     assert main(["estimate", str(write_config(tmp_path, method="full")), "--gpus", "8"]) == 0
     out = capsys.readouterr().out
-    assert "full on tunekit:llama-3-8b" in out and "ZeRO stage 3" in out
+    # stage auto on 8 x 80 GB: DDP would need the 18 B/param of all 8B weights per GPU; ZeRO-1 shards the optimizer.
+    assert "full on tunekit:llama-3-8b" in out and "ZeRO stage 1" in out
+    assert "deepspeed    ZeRO-1 (stage auto: 8 processes: DDP (no DeepSpeed) needs" in out
+    path = write_config(tmp_path, method="full")
+    path.write_text(path.read_text() + "deepspeed:\n  stage: 3\n")
+    assert main(["estimate", str(path), "--gpus", "8", "--json"]) == 0
+    zero = json.loads(capsys.readouterr().out)["zero"]
+    assert (zero["deepspeed"], zero["stage"], zero["auto"], zero["reason"]) == (True, 3, False, "as configured")
 
 
 def test_cli_estimate_unknown_model_is_exit_2(tmp_path, capsys):
@@ -512,15 +519,18 @@ def raw_config(method: str, **sections) -> dict:
             "training": {"per_device_train_batch_size": 1, "gradient_checkpointing": True}, **sections}
 
 
-def test_full_run_alternatives_equal_those_runs_estimated_directly():
+@pytest.mark.parametrize("stage", ["auto", 3])
+def test_full_run_alternatives_equal_those_runs_estimated_directly(stage):
     # A full config has no lora/qlora section: its LoRA and QLoRA rows are the default-LoRA runs under the same
-    # DeepSpeed section, QLoRA capped at its highest ZeRO stage.
-    full = config_mod.parse(raw_config("full"))
-    assert not hasattr(full, "lora") and full.deepspeed.zero_stage() == 3
+    # DeepSpeed section (auto chooses for each method; an explicit stage is capped at QLoRA's highest).
+    full = config_mod.parse(raw_config("full", **({} if stage == "auto" else {"deepspeed": {"stage": stage}})))
+    assert not hasattr(full, "lora") and full.deepspeed.zero_stage() == stage
     alternatives = est.estimate(full, gpus=8)["alternatives"]
-    for method, stage in (("lora", 3), ("qlora", QloraRunConfig.MAX_ZERO_STAGE)):
-        direct = est.estimate(config_mod.parse(raw_config(method, deepspeed={"stage": stage})), gpus=8)
-        assert alternatives[method]["zero_stage"] == direct["assumptions"]["zero_stage"] == stage
+    for method in ("lora", "qlora"):
+        written = stage if stage == "auto" else min(stage, config_mod.CONFIG_CLASSES[method].MAX_ZERO_STAGE)
+        direct = est.estimate(config_mod.parse(raw_config(method, deepspeed={"stage": written})), gpus=8)
+        assert alternatives[method]["zero_stage"] == direct["assumptions"]["zero_stage"]
+        assert alternatives[method]["zero"] == direct["zero"]["label"]
         assert alternatives[method]["needed_bytes"] == pytest.approx(direct["needed_bytes"])
         assert alternatives[method]["needed_bytes"] == pytest.approx(direct["alternatives"][method]["needed_bytes"])
 
@@ -634,16 +644,21 @@ def example(method: str):
     return config_mod.load(REPO / f"configs/examples/llama3-8b-{method}.yaml")
 
 
-@pytest.mark.parametrize("method, gpus, fits", [
-    ("lora", 1, True), ("qlora", 1, True),
-    # Full fine-tuning of 8B cannot fit one 80 GB GPU by any honest count: 16 GB bf16 weights + 32 GB fp32
-    # gradients + 96 GB fp32 master and Adam states. The example says 8 GPUs (its header and launch line).
-    ("full", 1, False), ("full", 8, True),
+@pytest.mark.parametrize("method, gpus, fits, zero", [
+    # LoRA/QLoRA examples have no deepspeed section: the plain Trainer on one GPU, DDP on several.
+    ("lora", 1, True, "no DeepSpeed (plain Trainer)"), ("qlora", 1, True, "no DeepSpeed (plain Trainer)"),
+    ("lora", 8, True, "DDP (no DeepSpeed)"), ("qlora", 8, True, "DDP (no DeepSpeed)"),
+    # Full fine-tuning of 8B (stage auto) cannot fit one 80 GB GPU on the GPU alone by any honest count: 32 GB fp32
+    # weights + 32 GB fp32 gradients + 64 GB Adam states for the plain Trainer. auto offloads the optimizer states
+    # (ZeRO-Offload, 96 GB of host RAM). On 8 GPUs (the example's header and launch line) ZeRO-1 is the lowest that
+    # fits: the 12 B/param of fp32 master and Adam states sharded, bf16 weights and fp32 gradients replicated.
+    ("full", 1, True, "ZeRO-2 + optimizer offload"), ("full", 8, True, "ZeRO-1"),
 ])
-def test_example_configs_on_80gb_gpus(method, gpus, fits):
+def test_example_configs_on_80gb_gpus(method, gpus, fits, zero):
     config = example(method)
     result = est.preflight_check(config, machine=est.Machine("cuda", gpus, 80.0), force=True)
     assert result["fits"] is fits, est.format_estimate(result)
+    assert result["zero"]["label"] == zero and result["zero"]["fits"] is fits
     if method == "qlora":  # pinned to 24 GB for planning: `train` on an 80 GB GPU must not read that
         assert config.preflight.gpu_memory_gb == 24 and result["gpu_memory_bytes"] == 80 * GB
     if method == "full":

@@ -1,5 +1,6 @@
 """Thin glue between the Trainer and the pure parts: each callback turns a Trainer event into calls of
-checkpoints.py (retention, markers, disk check), resume.py (record and verify) and distributed.py (agreement).
+checkpoints.py (retention, markers, disk check), resume.py (record and verify), preemption.py (stop signals) and
+distributed.py (agreement).
 
 Logging: every value tunekit measures goes through `Trainer.log`, so it reaches the trackers (wandb, tensorboard),
 the console and `state.log_history` (the run report, checkpoint markers) alike. `TunekitTrainer.log` adds the peak
@@ -34,8 +35,9 @@ from tunekit.checkpoints import (
     write_marker,
 )
 from tunekit.config import CheckpointsConfig, RunConfig
-from tunekit.distributed import barrier, gather_object
+from tunekit.distributed import barrier, gather_object, max_over_ranks
 from tunekit.errors import UserError
+from tunekit.preemption import received_signal, signal_name
 from tunekit.resume import ResumeVerifier, current_learning_rate, trainable_dtypes
 
 
@@ -76,8 +78,9 @@ class ConservativeCheckpointCallback(TrainerCallback):
     rank has finished writing its shard, optimizer partition and RNG file.
     """
 
-    def __init__(self, settings: CheckpointsConfig):
+    def __init__(self, settings: CheckpointsConfig, resume_from: str | os.PathLike | None = None):
         self.settings = settings
+        self.resume_from = Path(resume_from) if resume_from else None
         self.output_dir: Path | None = None
         self._warned = False
 
@@ -87,6 +90,10 @@ class ConservativeCheckpointCallback(TrainerCallback):
             for path in incomplete_checkpoints(self.output_dir):
                 print(f"warning: removing incomplete checkpoint {path} (its save was interrupted)", file=sys.stderr)
                 shutil.rmtree(path, ignore_errors=True)
+            if self.resume_from is not None:
+                # Today's rule before the first step: a resume with a tighter keep_top_k / keep_last_n (the disk
+                # error's advice) frees the space now, not after the next save it was short of.
+                self.prune(keep=state.global_step)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         # DefaultFlowCallback ran first: should_save now says whether the Trainer saves after this step.
@@ -124,12 +131,16 @@ class ConservativeCheckpointCallback(TrainerCallback):
         return {step: (path, metric_value(marker.get("metrics", {}), self.settings.metric))
                 for step, (path, marker) in complete_checkpoints(self.output_dir).items()}
 
-    def prune(self) -> None:
+    def prune(self, keep: int | None = None) -> None:
+        """Delete the complete checkpoints the retention rule drops; never step `keep` (the one resumed from) nor
+        the newest (the rule always keeps it: a stop on a signal relies on that)."""
         found = self.records()
-        keep = retained_checkpoints([(step, value) for step, (_, value) in found.items()], self.settings.keep_top_k,
+        kept = retained_checkpoints([(step, value) for step, (_, value) in found.items()], self.settings.keep_top_k,
                                     self.settings.keep_last_n, self.settings.greater_is_better)
+        if keep is not None:
+            kept.add(keep)
         for step, (path, _) in found.items():
-            if step not in keep:
+            if step not in kept:
                 delete_checkpoint(path)
 
     def summary_fields(self) -> dict:
@@ -142,32 +153,49 @@ class ConservativeCheckpointCallback(TrainerCallback):
                 "kept_checkpoints": [str(path) for path, _ in found.values()]}
 
 
-class StopAfterSeconds(TrainerCallback):
-    """training.max_seconds: stop, evaluate and save once the training clock passes the budget (compare --budget
-    seconds).
+class StopCallback(TrainerCallback):
+    """The one per-step stop agreement (one small all-reduce): a stop signal on any rank, or training.max_seconds.
 
-    Every rank reads its own clock; under DeepSpeed/DDP rank 0's decision is broadcast so all ranks stop together.
+    Signal (preemption.py): save at this step and stop; evaluated only when this step had an evaluation scheduled
+    anyway, so the checkpoint is the one an uninterrupted run would write and no time is spent that the scheduler
+    may not give. `stopped`: (signal number, step) once that happened; train.py then exits (preemption.finish).
+    Out of time (compare --budget seconds): stop, evaluate and save. Every rank reads its own clock and signal;
+    the element-wise maximum over ranks decides, so all ranks stop together.
     """
 
-    def __init__(self, max_seconds: float) -> None:
+    def __init__(self, max_seconds: float | None = None) -> None:
         self.max_seconds = max_seconds
         self.started = time.monotonic()
+        self.stopped: tuple[int, int] | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        out_of_time = gather_object(time.monotonic() - self.started >= self.max_seconds)[0]
-        if out_of_time:
+        out_of_time = self.max_seconds is not None and time.monotonic() - self.started >= self.max_seconds
+        signum, out_of_time = max_over_ranks([received_signal() or 0, int(out_of_time)])
+        if signum and state.global_step < state.max_steps:  # at the last step the run ends (and saves) anyway
+            self.stopped = (signum, state.global_step)
+            control.should_training_stop = control.should_save = True
+            if state.is_world_process_zero:
+                print(f"{signal_name(signum)} received: saving checkpoint-{state.global_step} and stopping",
+                      file=sys.stderr, flush=True)
+        elif out_of_time:
             control.should_training_stop = control.should_save = control.should_evaluate = True
         return control
+
+
+def stopped_on_signal(trainer) -> tuple[int, int] | None:
+    """(signal number, step) when the trainer's StopCallback stopped training on a signal, else None."""
+    return next((c.stopped for c in trainer.callback_handler.callbacks if isinstance(c, StopCallback)), None)
 
 
 def build_callbacks(config: RunConfig, tokenizer,
                     resume_from: str | os.PathLike | None = None) -> list[TrainerCallback]:
     """The callbacks every run gets. `resume_from`: the checkpoint this run resumes from (checked on resume).
 
-    The time budget comes first so that the checkpoint callback sees (and disk-checks) the save it asks for.
+    The stop agreement comes first so that the checkpoint callback sees (and disk-checks) the save it asks for.
     """
-    budget = [StopAfterSeconds(config.training.max_seconds)] if config.training.max_seconds else []
-    return [*budget, ConservativeCheckpointCallback(config.checkpoints), ResumeVerifier(resume_from)]
+    t = config.training
+    stop = [StopCallback(t.max_seconds)] if t.stop_signals or t.max_seconds else []  # else no per-step collective
+    return [*stop, ConservativeCheckpointCallback(config.checkpoints, resume_from), ResumeVerifier(resume_from)]

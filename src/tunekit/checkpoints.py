@@ -8,6 +8,8 @@ Trainer.
              fsync, rename) and lists every file with its size; a directory without a valid marker is an
              interrupted save: resume never picks it and the next run removes it. Deletion removes the marker first.
   resume     `resume_target`: which checkpoint `--resume` means (what is verified on resume is in resume.py).
+             A resumed run applies today's retention rule before it trains (`ConservativeCheckpointCallback`), so a
+             tighter keep_top_k / keep_last_n frees the disk at once, never deleting the checkpoint resumed from.
   disk       before each save, free space is checked against the previous checkpoint's size (or, for the first, an
              estimate from the weights and optimizer state): a clear UserError instead of a full disk.
 """
@@ -142,13 +144,16 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 
 def resume_target(output_dir: str, resume: str | None) -> Path | None:
-    """The checkpoint `--resume` means: None (fresh run), the latest complete one ('latest'), or the path given.
+    """The checkpoint `--resume` means: None (fresh run), the latest complete one ('latest'; 'auto': or None when
+    there is none, a fresh start), or the path given.
 
     Raises UserError when there is none, when the path is not a complete tunekit checkpoint, or when output_dir
     already holds complete checkpoints newer than it (resuming would write a second history over them).
     """
     if resume is None:
         return None
+    if resume == "auto":
+        return latest_complete_checkpoint(output_dir)
     if resume == "latest":
         target = latest_complete_checkpoint(output_dir)
         if target is None:

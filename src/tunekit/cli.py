@@ -22,10 +22,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     problem = attention_problem_here(config.model.attn_implementation, probe_cuda=True)
     if problem:  # before anything loads or is created: from_pretrained would raise an ImportError much later
         raise UserError(problem)
-    from tunekit.train import train  # heavy imports only now that the config is known to be valid
+    from tunekit.preemption import EXIT_PREEMPTED, Preempted, ignore_until_exit, stop_signals
 
-    train(config, overwrite=args.overwrite, resume=args.resume, force=args.force)
-    return 0
+    # Handlers first (this imports nothing heavy): a stop signal from here on ends the run cleanly with exit 75.
+    with stop_signals(config.training.stop_signals):
+        from tunekit.train import train  # heavy imports only now that the config is known to be valid
+
+        try:
+            train(config, overwrite=args.overwrite, resume=args.resume, force=args.force)
+            return 0
+        except Preempted as stop:
+            preempted = stop
+    ignore_until_exit(config.training.stop_signals)
+    from tunekit.distributed import is_rank_zero
+
+    if is_rank_zero():  # every rank stopped at the same step: one line per job
+        print(preempted, file=sys.stderr)
+    return EXIT_PREEMPTED
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -122,6 +135,32 @@ def cmd_build_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_slurm(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tunekit.slurm import check_out, plan_job, render_sbatch, write_sbatch
+
+    if args.out is not None:
+        check_out(args.out, args.overwrite)  # before anything else: a refused command writes nothing
+    config = _load(args)
+    job = plan_job(config, args.config, args.set or (), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                   processes_per_node=args.processes_per_node, cpu=args.cpu, gpu_memory_gb=args.gpu_memory,
+                   time=args.time, partition=args.partition, account=args.account, job_name=args.job_name,
+                   chdir=args.chdir, log_dir=args.log_dir, port=args.port)
+    if not job.fits:  # written anyway (the user may plan for other hardware), but said before anything is queued
+        print(f"warning: the run does not fit: {job.deepspeed_why}; its pre-flight will refuse to start",
+              file=sys.stderr)
+    text = render_sbatch(job)
+    # Slurm does not create the log folder: without it the job fails before its first line, with no log at all.
+    (Path(job.chdir) / job.log_dir).mkdir(parents=True, exist_ok=True)
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        path = write_sbatch(text, args.out, args.overwrite)
+        print(f"wrote {path} (grace {job.grace_s} s; {job.deepspeed_why}); submit with: sbatch {path}")
+    return 0
+
+
 def _load(args: argparse.Namespace):
     from tunekit import config as config_mod
 
@@ -140,11 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunekit", description="Fine-tune language models: full (ZeRO-3), LoRA, QLoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="validate, estimate, train, save, summarize")
+    p = sub.add_parser("train", help="validate, estimate, train, save, summarize",
+                       epilog="exit codes: 0 done, 1 crash, 2 user error, 75 stopped by a signal "
+                              "(training.stop_signals) with a complete checkpoint: rerun with --resume auto")
     _add_config(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output_dir")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="resume from the latest valid checkpoint in output_dir, or from CHECKPOINT")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT|auto",
+                   help="resume from the latest valid checkpoint in output_dir, or from CHECKPOINT; 'auto': resume "
+                        "when there is a checkpoint, start when there is none, do nothing when the run finished "
+                        "(a requeued job's one command line)")
     p.add_argument("--force", action="store_true", help="start even when the memory estimate says it will not fit")
 
     p = sub.add_parser("validate", help="check a config without importing torch")
@@ -197,6 +240,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", default=None,
                    help="command prefix for the runs, e.g. 'accelerate launch --config_file configs/accelerate/cpu-2proc-zero3.yaml'")
 
+    p = sub.add_parser("slurm", help="an sbatch script: checkpoint before the time limit or preemption, requeue, "
+                       "resume (docs/cluster.md)")
+    _add_config(p)
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, default=None)
+    p.add_argument("--cpu", action="store_true", help="CPU nodes (gloo): --processes-per-node processes per node")
+    p.add_argument("--processes-per-node", type=int, default=None, help="with --cpu (default 1)")
+    p.add_argument("--gpu-memory", type=float, default=None,
+                   help="GB per GPU for the DeepSpeed choice; with --cpu the host RAM the processes share "
+                   "(default: config preflight or 80)")
+    p.add_argument("--time", default=None, help="time limit, as sbatch --time (e.g. 24:00:00)")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--job-name", default=None, help="default: the config file's name")
+    p.add_argument("--chdir", default=None, help="the job's working directory (default: here)")
+    p.add_argument("--log-dir", default="logs", help="per-job logs, relative to --chdir (default: logs)")
+    p.add_argument("--port", type=int, default=None, help="rank 0's port (default: 20000 + job id %% 20000)")
+    p.add_argument("--out", default=None, help="write the script here (default: stdout)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
     p = sub.add_parser("build-tiny", help="build the tiny local base model (and demo data) used by demo and tests")
     p.add_argument("--out", default="artifacts/tiny-base")
     p.add_argument("--preset", choices=["demo", "test"], default="demo")
@@ -215,6 +278,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "merge": cmd_merge,
     "export": cmd_export,
     "compare": cmd_compare,
+    "slurm": cmd_slurm,
     "build-tiny": cmd_build_tiny,
 }
 

@@ -151,8 +151,12 @@ class DeepSpeedConfig(Section):
     config: dict[str, Any] | str | None = Field(
         None, description="A DeepSpeed config: inline dict or path to a JSON file. Default: generated ZeRO config."
     )
-    stage: Literal[0, 1, 2, 3] = Field(3, description="ZeRO stage when tunekit generates the config.")
-    offload_optimizer: bool = Field(False, description="Offload optimizer states to CPU memory.")
+    stage: Literal["auto", 0, 1, 2, 3] = Field(
+        "auto", description="ZeRO stage when tunekit generates the config. auto: chosen at train time from this "
+        "machine (estimate/stage.py): one process -> no DeepSpeed when it fits; several -> the lowest of DDP, ZeRO "
+        "1, 2, 3 that fits per GPU, then CPU offload.")
+    offload_optimizer: bool = Field(False, description="Offload optimizer states to CPU memory (auto offloads "
+                                    "only when nothing else fits).")
     offload_param: bool = Field(False, description="Offload parameters to CPU memory (stage 3 only).")
 
     @model_validator(mode="after")
@@ -162,6 +166,11 @@ class DeepSpeedConfig(Section):
         if self.config is not None and shaping:
             raise ValueError(f"deepspeed.{shaping[0]}: not used when deepspeed.config is given "
                              "(set it inside that DeepSpeed config instead)")
+        if self.config is None and self.stage == "auto" and (self.offload_optimizer or self.offload_param):
+            # auto offloads only as its last rung; a forced offload is a stage decision, so it names the stage.
+            name = "offload_optimizer" if self.offload_optimizer else "offload_param"
+            raise ValueError(f"deepspeed.{name}: needs an explicit deepspeed.stage (auto offloads by itself, only "
+                             "when nothing else fits)")
         if self.config is None and self.offload_param and self.stage != 3:
             raise ValueError("deepspeed.offload_param: needs deepspeed.stage 3")
         if isinstance(self.config, dict):
@@ -197,8 +206,9 @@ class DeepSpeedConfig(Section):
         _zero_section(parsed, f"deepspeed.config: {self.config}", error=UserError)
         return parsed
 
-    def zero_stage(self) -> int:
-        """The ZeRO stage this section runs: the user config's zero_optimization.stage, else `stage`."""
+    def zero_stage(self) -> int | Literal["auto"]:
+        """The ZeRO stage this section runs: the user config's zero_optimization.stage, else `stage` ("auto" until
+        `backends.deepspeed.resolve_stage` replaces it with the stage chosen for the machine)."""
         user = self.user_config()
         return int(user["zero_optimization"]["stage"]) if user is not None else self.stage
 
@@ -236,6 +246,12 @@ class TrainingConfig(Section):
     seed: int = Field(42, description="Seed for init, dropout and data order.")
     logging_steps: int = Field(10, gt=0, description="Log train loss every this many steps.")
     max_seconds: float | None = Field(None, gt=0, description="Stop (and save) after this many seconds of training (compare --budget seconds).")
+    stop_signals: list[str] = Field(default_factory=lambda: ["SIGTERM", "SIGUSR1"], description=(
+        "Signals that stop training cleanly: every rank stops at the next optimizer step, one complete checkpoint "
+        "is saved there and `tunekit train` exits 75 (rerun with --resume auto). [] turns this off."))
+    ddp_timeout: int = Field(300, gt=0, description=(
+        "Seconds a collective may wait for the other ranks before the job fails with an error (a stalled or lost "
+        "rank ends the job instead of hanging it). Must cover the slowest step, evaluation and save."))
 
     @field_validator("max_steps")
     @classmethod
@@ -243,6 +259,18 @@ class TrainingConfig(Section):
         if value == 0 or value < -1:
             raise ValueError("must be -1 (run num_train_epochs) or at least 1")
         return value
+
+    @field_validator("stop_signals")
+    @classmethod
+    def _catchable_signals(cls, value: list[str]) -> list[str]:
+        import signal  # the standard library's names; no torch here
+
+        for name in value:
+            if name in ("SIGKILL", "SIGSTOP"):
+                raise ValueError(f"{name} cannot be caught; use SIGTERM or SIGUSR1")
+            if not name.startswith("SIG") or name.startswith("SIG_") or not hasattr(signal, name):
+                raise ValueError(f"{name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+        return list(dict.fromkeys(value))
 
 
 class CheckpointsConfig(Section):
@@ -302,7 +330,7 @@ class RunConfig(Section):
     MAX_ZERO_STAGE: ClassVar[int] = 3
 
     schema_version: int = Field(SCHEMA_VERSION, description="Config schema version (written by tunekit into saved configs).")
-    method: Literal["full", "lora", "qlora"] = Field(description="full (DeepSpeed ZeRO-3), lora, or qlora (4-bit NF4 base + LoRA).")
+    method: Literal["full", "lora", "qlora"] = Field(description="full (every weight), lora, or qlora (4-bit NF4 base + LoRA).")
     output_dir: str = Field(description="Run directory: config, checkpoints, final/, summary.json, report.md.")
     model: ModelConfig
     data: DataConfig
@@ -332,7 +360,9 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _zero_stage_fits_method(self) -> RunConfig:
         if self.deepspeed is not None and not isinstance(self.deepspeed.config, str):  # a JSON file: _check_paths
-            self.check_zero_stage(self.deepspeed.zero_stage())
+            stage = self.deepspeed.zero_stage()
+            if stage != "auto":  # auto chooses within MAX_ZERO_STAGE
+                self.check_zero_stage(stage)
         return self
 
     def check_zero_stage(self, stage: int) -> None:
@@ -349,10 +379,13 @@ class RunConfig(Section):
 
 
 class FullRunConfig(RunConfig):
-    """Full fine-tuning: every weight trains, always under DeepSpeed (ZeRO-3 unless the section says otherwise)."""
+    """Full fine-tuning: every weight trains; the ZeRO stage is chosen for the machine unless the section says one
+    (one process: the plain Trainer when it fits)."""
 
-    method: Literal["full"] = Field(description="full: every weight trains (DeepSpeed ZeRO-3 by default).")
-    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed ZeRO; default stage 3.")
+    method: Literal["full"] = Field(description="full: every weight trains (the ZeRO stage that fits by default).")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig,
+                                       description="DeepSpeed ZeRO; default stage auto (no DeepSpeed in one process "
+                                       "when it fits).")
 
 
 class LoraRunConfig(RunConfig):

@@ -1,9 +1,10 @@
 """Process-group helpers for the callbacks: each is a no-op (or the single-process answer) outside a process group.
 
 Under DeepSpeed/DDP a decision one rank takes alone (stop, raise) leaves the others waiting in the next collective
-forever, so the callbacks agree through these: `gather_object` to let every rank see every rank's answer, `barrier`
-to wait until every rank has written its files. `check_shared_output_dir` is such an agreement at start: every node
-must see rank 0's output_dir.
+forever, so the callbacks agree through these: `gather_object` to let every rank see every rank's answer,
+`max_over_ranks` for a per-step decision in one small all-reduce (the stop agreement), `barrier` to wait until every
+rank has written its files. `check_shared_output_dir` is such an agreement at start: every node must see rank 0's
+output_dir. `set_default_timeout` bounds the collectives of groups made without a timeout (training.ddp_timeout).
 """
 
 from __future__ import annotations
@@ -49,6 +50,43 @@ def gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def set_default_timeout(seconds: int) -> None:
+    """Make `seconds` the collective timeout of every process group created from now on without one of its own.
+
+    Why: the world group gets training.ddp_timeout from its creator (TrainingArguments, or backends.common), but
+    DeepSpeed runs ZeRO's gradient reduce-scatter on its own copy of it (deepspeed.utils.groups._clone_world_group:
+    `new_group(ranks)`, no timeout), which torch gives its default instead: 30 min on gloo, 10 min on nccl. A rank
+    that stalls while the others wait there would hang the job that long (measured on gloo: a new_group barrier
+    waits past a 3 s world timeout). torch reads these module values at each new_group; there is no public setting.
+    """
+    from datetime import timedelta
+
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timedelta(seconds=seconds)
+    if c10d.default_pg_nccl_timeout is not None:  # None when torch was built without NCCL
+        c10d.default_pg_nccl_timeout = timedelta(seconds=seconds)
+
+
+def max_over_ranks(values: list[int]) -> list[int]:
+    """Element-wise maximum of `values` over every process (`values` itself in a single process). Collective: every
+    rank must call it with a list of the same length.
+
+    One small all-reduce, cheap enough for every optimizer step (the stop agreement in preemption.py); the tensor
+    lives where the backend can reduce it: the current CUDA device under nccl, the CPU under gloo.
+    """
+    if not is_distributed():
+        return list(values)
+    import torch
+    import torch.distributed as dist
+
+    on_cuda = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [int(v) for v in tensor.tolist()]
 
 
 def shared_dir_problem(output_dir: str, verdicts: list[tuple[str, bool]]) -> str | None:

@@ -3,7 +3,10 @@
 Layout:  OUTPUT_DIR/config.yaml    the config exactly as run (after --set), schema version included
                     resolved.json  what "auto" stood for on the machine that ran it (`Resolved`), library versions
                     checkpoint-*/  final/  summary.json  report.md  *.png
+                    stopped.json   only after a stop on a signal (preemption.py): signal, step, checkpoint
 
+`tunekit train --resume auto` (a requeued job's one command line) asks `finished_summary` (done: nothing to do) and
+`check_auto_resume` (a tunekit run, or nothing, in output_dir); checkpoints.resume_target then picks the checkpoint.
 merge and export open a finished run here (`open_run` -> `Run`), refuse a bad --out (`check_out`) and write OUT
 through a staged directory (`staged_dir`): this module owns run directories, so they need not import each other.
 """
@@ -23,10 +26,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tunekit import config as config_mod
+from tunekit.checkpoints import complete_checkpoints, latest_complete_checkpoint
 from tunekit.config import RunConfig
 from tunekit.errors import UserError, first_line
 
 RESOLVED_NAME = "resolved.json"
+STOPPED_NAME = "stopped.json"  # written by preemption.py when a signal stopped the run; removed when a run starts
 # Distributions whose versions decide what a run did (numerics, defaults, file formats), in resolved.json.
 VERSIONED = ("tunekit", "torch", "transformers", "peft", "trl", "accelerate", "deepspeed", "bitsandbytes",
              "datasets", "safetensors", "tokenizers")
@@ -75,16 +80,68 @@ def read_resolved(run_dir: str | os.PathLike) -> Resolved | None:
         raise UserError(f"{path}: not a valid tunekit record ({first_line(exc)})") from None
 
 
-def check_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> None:
+def check_output_dir(output_dir: str, overwrite: bool, resume: str | None,
+                     config: RunConfig | None = None) -> None:
     """Refuse a non-empty output_dir unless --overwrite or --resume, and --resume of a directory that holds no run;
-    never touches the disk."""
+    never writes to the disk. `config`: the run's, for --resume auto (see `check_auto_resume`)."""
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise UserError(f"output_dir: {output_dir} exists and is not a directory")
+    if resume == "auto":
+        check_auto_resume(path, config)
+        return
     if resume == "latest" and not (path / "config.yaml").is_file():
         raise UserError(f"--resume: nothing to resume in {output_dir} (no tunekit run there); drop --resume to start")
     if resume is None and not overwrite and path.is_dir() and any(path.iterdir()):
         raise UserError(f"output_dir: {output_dir} is not empty; pass --overwrite to replace it or --resume to continue it")
+
+
+def check_auto_resume(path: Path, config: RunConfig | None) -> None:
+    """--resume auto may continue or restart only a tunekit run: refuse a non-empty directory without config.yaml,
+    and one with no complete checkpoint (a run that died before its first save, restarted from scratch) whose
+    config.yaml is not this config (a different run that --overwrite should replace knowingly)."""
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"--resume auto: {path} is not empty and holds no tunekit run (no config.yaml); "
+                        "--resume auto never replaces it")
+    if config is None or latest_complete_checkpoint(path) is not None:
+        return
+    try:
+        saved = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--resume auto: {path / 'config.yaml'}: unreadable ({first_line(exc)})") from None
+    changed = _changed_keys(saved, config.model_dump(mode="json"))
+    if changed:
+        raise UserError(f"--resume auto: {path} holds a run of another config with no checkpoint to resume "
+                        f"({', '.join(changed[:3])} differ); pass --overwrite to replace it")
+
+
+def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [prefix or "(config)"]
+    changed = []
+    for name in sorted(set(a) | set(b), key=str):
+        changed += _changed_keys(a.get(name), b.get(name), f"{prefix}.{name}" if prefix else str(name))
+    return changed
+
+
+def finished_summary(output_dir: str | os.PathLike) -> dict | None:
+    """The summary of the run in output_dir when it finished (final/ and summary.json, no complete checkpoint newer
+    than its last step), else None. What --resume auto checks first: a requeued job that already finished does
+    nothing."""
+    path = Path(output_dir)
+    try:
+        summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not (path / "final").is_dir() or not (path / "config.yaml").is_file() or not isinstance(summary, dict):
+        return None
+    steps = summary.get("steps")
+    if not isinstance(steps, int) or any(step > steps for step in complete_checkpoints(path)):
+        return None
+    return summary
 
 
 def create(config: RunConfig, resolved: Resolved, overwrite: bool, resume: str | None) -> Path:
@@ -99,6 +156,7 @@ def create(config: RunConfig, resolved: Resolved, overwrite: bool, resume: str |
     path.mkdir(parents=True, exist_ok=True)
     write_text_atomically(path / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     write_json(path / RESOLVED_NAME, resolved.model_dump(mode="json"))
+    (path / STOPPED_NAME).unlink(missing_ok=True)  # describes the last stop; this run has not stopped
     return path
 
 

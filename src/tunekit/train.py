@@ -13,11 +13,11 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from tunekit import rundir
+from tunekit import preemption, rundir
 from tunekit.backends import deepspeed, full, lora
-from tunekit.backends.common import (check_launch, count_params, full_weights, keep_checkpointing_kwargs,
+from tunekit.backends.common import (check_launch, count_params, keep_checkpointing_kwargs, layer_by_layer,
                                      load_tokenizer, resolve_settings, training_arguments)
-from tunekit.callbacks import TunekitTrainer, build_callbacks, peak_memory_bytes
+from tunekit.callbacks import TunekitTrainer, build_callbacks, peak_memory_bytes, stopped_on_signal
 from tunekit.config import RunConfig
 from tunekit.data import read_rows
 from tunekit.distributed import check_shared_output_dir, is_rank_zero
@@ -31,11 +31,15 @@ BACKENDS = {"full": full.build_model, "lora": lora.build_model, "qlora": lora.bu
 def train(config: RunConfig, overwrite: bool = False, resume: str | None = None, force: bool = False) -> dict:
     """Run one fine-tuning job; returns the summary (also written to OUTPUT_DIR/summary.json)."""
     started = time.time()
-    rundir.check_output_dir(config.output_dir, overwrite, resume)
+    if resume == "auto" and (finished := rundir.finished_summary(config.output_dir)) is not None:
+        return report_finished(config, finished)  # a requeued job whose run already ended: nothing to do
+    rundir.check_output_dir(config.output_dir, overwrite, resume, config)
     check_launch(config)  # several GPUs and no launcher: refused before anything loads
     check_trackers(config)
     checkpoint = resume_checkpoint(config, resume)  # a bad --resume fails before anything is loaded
     preflight = run_preflight(config, force)
+    as_written, config = config, deepspeed.resolve_stage(config, preflight["zero"])  # stage auto: chosen for here
+    deepspeed.check_resumed_stage(as_written, config, checkpoint)  # a checkpoint resumes under the set-up it had
     tokenizer = load_tokenizer(config)
     data = prepare_data(config, tokenizer)  # all data errors surface here, before anything is written
     args = training_arguments(config, deepspeed.deepspeed_config(config))  # before the model: ZeRO-3 shards at load
@@ -43,14 +47,16 @@ def train(config: RunConfig, overwrite: bool = False, resume: str | None = None,
     model = BACKENDS[config.method](config, tokenizer)
     model.config.use_cache = False  # no KV cache in training; without one, packed rows get per-example attention
     if args.process_index == 0:
-        rundir.create(config, resolve_settings(config, args, model), overwrite, resume)
+        rundir.create(as_written, resolve_settings(config, args, model), overwrite, resume)
     check_shared_output_dir(config.output_dir)  # every rank sees rank 0's output_dir, or every rank refuses
     metric_before = task_metric(model, tokenizer, data, config)  # base weights, before any DeepSpeed engine
     trainer = build_trainer(config, args, model, tokenizer, data, checkpoint)
+    preemption.check_before_training(config.output_dir, args.process_index == 0)  # a stop signal so far: exit 75
     trainer.train(resume_from_checkpoint=checkpoint)
+    preemption.finish(config.output_dir, stopped_on_signal(trainer), trainer.is_world_process_zero())
     final_dir = save_final(trainer, tokenizer, config)
     eval_loss = trainer.evaluate()["eval_loss"] if data.eval is not None else None
-    metric_after = task_metric(model, tokenizer, data, config, engine=trainer.model_wrapped)
+    metric_after = task_metric(model, tokenizer, data, config)
     summary = summarize(config, trainer, data, preflight, metric_before, metric_after, eval_loss, started, final_dir)
     if trainer.is_world_process_zero():
         rundir.write_json(Path(config.output_dir) / "summary.json", summary)
@@ -86,14 +92,14 @@ def run_preflight(config: RunConfig, force: bool) -> dict:
     return result
 
 
-def task_metric(model, tokenizer, data, config: RunConfig, engine=None) -> float | None:
+def task_metric(model, tokenizer, data, config: RunConfig) -> float | None:
     """Held-out generation metric (exact match) or None when the config turns it off or there are no prompts.
-    engine: the trained DeepSpeed engine (trainer.model_wrapped), so ZeRO-3 gathers the weights once, not per step."""
+    Under ZeRO-3 every rank generates its share on the sharded weights, gathered one module at a time."""
     if config.eval.task_metric == "none" or not data.eval_pairs:
         return None
     from tunekit.evaluate import exact_match
 
-    with full_weights(model, engine):  # ZeRO-3: every rank generates its share, on weights gathered once
+    with layer_by_layer(model):  # ZeRO-3 before training: our per-module gathers; after it: the engine's hooks
         return exact_match(model, tokenizer, data.eval_pairs, max_new_tokens=config.eval.max_new_tokens,
                            batch_size=config.training.per_device_eval_batch_size)
 
@@ -124,15 +130,24 @@ def insight_callbacks(config: RunConfig, model, tokenizer) -> list:
         texts = [row["text"] for row in read_rows(config.eval.general, "text")]
         batch = config.training.per_device_eval_batch_size
         # The base model's loss on general text, before any update: the reference a rise is measured against.
-        with full_weights(model):
+        with layer_by_layer(model):
             base_loss = general_loss(model, tokenizer, texts, config.data.max_seq_len, batch)
         callbacks.append(ForgettingCallback(tokenizer, texts, base_loss, config.eval.forgetting_threshold,
                                             config.data.max_seq_len, batch))
     return callbacks
 
 
+def report_finished(config: RunConfig, summary: dict) -> dict:
+    """--resume auto on a run that already ended: say so (once per job) and return its summary."""
+    if is_rank_zero():
+        print(f"{config.output_dir}: the run already finished at step {summary['steps']} (final/ and summary.json); "
+              "nothing to resume")
+    return summary
+
+
 def resume_checkpoint(config: RunConfig, resume: str | None) -> str | None:
-    """None (fresh run), the newest complete checkpoint in output_dir ('latest'), or the path given (checked)."""
+    """None (fresh run), the newest complete checkpoint in output_dir ('latest'; 'auto': None when there is none),
+    or the path given (checked)."""
     from tunekit.checkpoints import resume_target
 
     target = resume_target(config.output_dir, resume)
@@ -193,6 +208,7 @@ def summarize(config: RunConfig, trainer, data, preflight, metric_before, metric
     for callback in trainer.callback_handler.callbacks:
         summary.update(getattr(callback, "summary_fields", dict)())
     summary["estimated_peak_bytes_per_device"] = preflight.get("per_device_total")
+    summary["zero"] = preflight.get("zero")  # the DeepSpeed set-up chosen for this machine, and why (choose_zero)
     return summary
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tunekit.config import RunConfig
-from tunekit.distributed import is_rank_zero
+from tunekit.distributed import is_rank_zero, set_default_timeout
 from tunekit.errors import UserError, first_line
 
 
@@ -446,20 +446,49 @@ def check_launch(config: RunConfig) -> None:
     process_setup(config.deepspeed is not None, on_gpu(), torch.cuda.device_count(), os.environ)
 
 
-def set_up_processes(deepspeed_config: dict | None) -> bool:
+def set_up_processes(deepspeed_config: dict | None, timeout_seconds: int = 1800) -> bool:
     """Apply `process_setup` for this machine; return True when a PartialState was configured here (the Trainer must
-    then use it)."""
+    then use it). `timeout_seconds`: its collectives' timeout (training.ddp_timeout; the Trainer's own set-up takes
+    it from SFTConfig.ddp_timeout)."""
     setup = process_setup(deepspeed_config is not None, on_gpu(), torch.cuda.device_count(), os.environ)
+    if deepspeed_config is None:
+        turn_off_deepspeed()
     if setup.group_of_one:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+    # torch's default for groups made without a timeout: DeepSpeed's copy of the world group (ZeRO's gradient
+    # reduce-scatter), and the world group on the CPU DDP path, which TrainingArguments makes without its
+    # ddp_timeout (transformers 5.23 _setup_devices, use_cpu). The other paths pass ddp_timeout explicitly.
+    set_default_timeout(timeout_seconds)
     if not setup.gloo_state:
         return False
+    from datetime import timedelta
+
     from accelerate import PartialState
 
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    PartialState(backend="gloo")
+    PartialState(backend="gloo", timeout=timedelta(seconds=timeout_seconds))  # -> deepspeed.init_distributed(timeout)
     return True
+
+
+def turn_off_deepspeed() -> None:
+    """For a run without DeepSpeed (stage auto chose the plain Trainer or DDP; LoRA without a section), undo what
+    would still turn it on:
+    - a DeepSpeed launcher (accelerate's distributed_type DEEPSPEED, e.g. configs/accelerate/cpu-2proc-zero3.yaml)
+      sets ACCELERATE_USE_DEEPSPEED=true in every rank: TrainingArguments would then build a DeepSpeed engine from
+      the launcher's defaults, not from this run's choice. The run goes on as DDP over the launcher's processes.
+    - a ZeRO-3 run earlier in this process leaves transformers' zero3 flag on (a weak reference the finished
+      Trainer's arguments may still hold): from_pretrained would partition the weights with zero.Init.
+    """
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
+        if is_rank_zero():
+            print("note: the launcher is configured for DeepSpeed, but this run trains without it (deepspeed.stage "
+                  "auto chose DDP, or there is no deepspeed section): running as DDP over its processes",
+                  file=sys.stderr)
+    unset_hf_deepspeed_config()
 
 
 def _free_port() -> int:
@@ -474,7 +503,7 @@ def training_arguments(config: RunConfig, deepspeed_config: dict | None = None):
     """TRL SFTConfig for any method. Must be built BEFORE from_pretrained under ZeRO-3 so weights shard at load."""
     from trl import SFTConfig
 
-    use_configured_state = set_up_processes(deepspeed_config)
+    use_configured_state = set_up_processes(deepspeed_config, config.training.ddp_timeout)
     mode = precision(config)
     t, c = config.training, config.checkpoints
     has_eval = config.data.eval_path is not None or config.data.eval_fraction > 0
@@ -523,6 +552,7 @@ def training_arguments(config: RunConfig, deepspeed_config: dict | None = None):
         disable_tqdm=False,
         save_only_model=False,
         ddp_find_unused_parameters=False if config.method != "full" else None,
+        ddp_timeout=config.training.ddp_timeout,  # the process group's collective timeout (GPU DDP and DeepSpeed)
     )
 
 
@@ -585,34 +615,47 @@ def count_params(model) -> tuple[int, int]:
 
 
 @contextmanager
-def full_weights(model, engine=None):
-    """Inside this block the model can run forward/generate on every rank, whatever ZeRO did to its weights.
+def layer_by_layer(model):
+    """Inside this block the model can run forward/generate on every rank, whatever ZeRO did to its weights, without
+    a whole copy of them on any rank.
 
     Under ZeRO-3 each rank holds 1/world_size of every weight (the rest are size-0 placeholders). Before training
-    (the base model's task metric and general loss) there are no hooks: the whole model is gathered on every rank
-    for the block, one full copy of the weights per device. After training, pass the DeepSpeed `engine`
-    (trainer.model_wrapped): the same single gather, with the engine's per-layer hooks removed for the block (TRL's
-    remove_hooks/add_hooks, as its own generation does) — otherwise every decode step re-gathers every layer
-    (~10 min of all-gathers for 64 prompts on an 8B model). With the engine's hooks on and no `engine` given
-    (inside a training-time evaluation) the hooks gather layer by layer and nothing is done here.
-    Collective: every rank must enter, and every rank must then run the same number of forward passes.
+    (the base model's task metric and general loss) no engine hooks exist yet: for the block, every module gets a
+    forward pre-hook that gathers only its own parameters (`parameters(recurse=False)`, e.g. one q_proj's weight)
+    and a forward hook that releases them, so at most the largest module is whole at any time, as in training
+    (estimate.memory.ZERO3_GATHER_FACTOR). After training the DeepSpeed engine's own hooks on the model already
+    gather module by module (with prefetch), and nothing is done here; so also inside a training-time evaluation.
+    Collective: every rank must enter, and every rank must then run the same number of forward passes (generate
+    keeps the ranks in step with transformers' synced_gpus; evaluate.shard gives each rank the same prompt count).
     """
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    hooked = hasattr(model, "ds_id")  # the engine's hooks are on this module
-    if not is_deepspeed_zero3_enabled() or (hooked and engine is None):
+    if not is_deepspeed_zero3_enabled() or hasattr(model, "ds_id"):  # no sharding, or the engine's hooks are on
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        if not hooked:
-            yield
-            return
-        from trl.models.utils import add_hooks, remove_hooks
+    handles = []
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if not own:
+            continue
+        open_gathers: list = []  # a stack: a module re-entered inside its own forward keeps its first gather
 
-        remove_hooks(engine)
-        try:
-            yield
-        finally:
-            add_hooks(engine)
+        def gather(module, args, own=own, open_gathers=open_gathers):
+            context = deepspeed.zero.GatheredParameters(own) if not open_gathers else None
+            if context is not None:
+                context.__enter__()
+            open_gathers.append(context)
+
+        def release(module, args, output, open_gathers=open_gathers):
+            context = open_gathers.pop()
+            if context is not None:
+                context.__exit__(None, None, None)  # back to this rank's shard
+
+        handles += [module.register_forward_pre_hook(gather), module.register_forward_hook(release)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

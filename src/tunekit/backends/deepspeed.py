@@ -1,7 +1,9 @@
-"""DeepSpeed ZeRO for every method: the config the Trainer gets, and what the run reports about it.
+"""DeepSpeed ZeRO for every method: the stage `auto` chose, the config the Trainer gets, and what the run reports.
 
-Full fine-tuning always runs under DeepSpeed (ZeRO-3 by default); LoRA/QLoRA runs do when their config has a
-`deepspeed` section (multi-GPU adapters). The config is generated from that section, or is the user's inline dict /
+A full run's `deepspeed` section defaults to `stage: auto`; LoRA/QLoRA runs use DeepSpeed when their config has a
+section (multi-GPU adapters). `resolve_stage` replaces auto with what `estimate.stage.choose_zero` picked for this
+machine in the pre-flight: no section at all (the plain Trainer: one process, or DDP) or a concrete stage and
+offloads. The DeepSpeed config is then generated from that section, or is the user's inline dict /
 JSON file (read by `DeepSpeedConfig.user_config`, the one reader). Batch size, accumulation, clipping and precision
 are "auto" in it, so the Trainer fills them from the training section; a user config that writes a number there must
 agree with the training section or the run stops before loading the model. Which stage a method may use is
@@ -17,8 +19,47 @@ from tunekit.config import RunConfig
 from tunekit.errors import UserError
 
 
+def resolve_stage(config: RunConfig, zero: dict) -> RunConfig:
+    """`config` with `deepspeed.stage: auto` replaced by `zero` (a `choose_zero` result): without a `deepspeed`
+    section when the choice is no DeepSpeed, else with the chosen stage and offloads. Any other config is returned
+    as is. A copy: the config as written (auto) is what config.yaml records; resolved.json records what ran."""
+    section = config.deepspeed
+    if section is None or section.config is not None or section.stage != "auto":
+        return config
+    if not zero["deepspeed"]:
+        return config.model_copy(update={"deepspeed": None})
+    chosen = section.model_copy(update={"stage": zero["stage"], "offload_optimizer": zero["offload_optimizer"],
+                                        "offload_param": zero["offload_param"]})
+    return config.model_copy(update={"deepspeed": chosen})
+
+
+def check_resumed_stage(as_written: RunConfig, chosen: RunConfig, checkpoint: str | None) -> None:
+    """Refuse (UserError) resuming a `stage: auto` run under another set-up than the one that wrote its checkpoints
+    (resolved.json's zero_stage): a requeued job that lands on a machine where auto chooses differently (fewer or
+    smaller GPUs) would otherwise fail deep inside the checkpoint load (a plain Trainer checkpoint has no DeepSpeed
+    engine state; ZeRO stages lay the optimizer state out differently)."""
+    from tunekit.rundir import read_resolved
+
+    section = as_written.deepspeed
+    if checkpoint is None or section is None or section.config is not None or section.stage != "auto":
+        return
+    resolved = read_resolved(as_written.output_dir)
+    now = chosen.deepspeed.zero_stage() if chosen.deepspeed is not None else None
+    if resolved is None or resolved.zero_stage == now:
+        return
+
+    def setup(stage: int | None) -> str:
+        return "no DeepSpeed" if stage is None else f"ZeRO stage {stage}"
+
+    fix = (f"set deepspeed.stage: {resolved.zero_stage}" if resolved.zero_stage is not None else
+           f"resume on {resolved.world_size} process(es) with the memory it had")
+    raise UserError(f"--resume: {checkpoint} was written under {setup(resolved.zero_stage)} ({resolved.world_size} "
+                    f"process(es)), but deepspeed.stage auto chose {setup(now)} here; {fix}")
+
+
 def deepspeed_config(config: RunConfig) -> dict | None:
-    """The DeepSpeed config dict for this run, or None when the run does not use DeepSpeed.
+    """The DeepSpeed config dict for this run (its stage resolved: `resolve_stage`), or None when the run does not
+    use DeepSpeed.
 
     Raises UserError (naming the key) when a user config cannot be read, has no ZeRO section, sets a stage the
     method cannot use, turns off the consolidated save under stage 3, or disagrees with the training section.
@@ -26,6 +67,8 @@ def deepspeed_config(config: RunConfig) -> dict | None:
     section = config.deepspeed
     if section is None:
         return None
+    if section.config is None and section.stage == "auto":
+        raise ValueError("deepspeed.stage is auto: resolve it for this machine first (resolve_stage)")
     ds = section.user_config()  # a copy: filled in below; deepspeed.stage / offload_* only shape the generated one
     if ds is None:
         ds = generated_config(config)

@@ -25,7 +25,7 @@ def advice(result: dict) -> list[str]:
             tips.append(f"use method {method} ({gb(alt['needed_bytes'])})")
     own = result["alternatives"][result["method"]]
     if own["gpus_needed"] and own["gpus_needed"] > result["gpus"]:
-        same_stage = own["zero_stage"] == result["assumptions"]["zero_stage"]
+        same_stage = own["zero_stage"] == result["assumptions"]["zero_stage"] or result["zero"]["auto"]
         tips.append(f"use {own['gpus_needed']} GPUs" + ("" if same_stage else f" with deepspeed.stage {own['zero_stage']}"))
     return tips
 
@@ -51,13 +51,18 @@ def format_estimate(result: dict) -> str:
                        f"{'on' if a['gradient_checkpointing'] else 'off'}",
         "optimizer": a["optimizer"] + (" + fp32 master" if a["master_weights"] else ""),
         "overhead": a["overhead"],
-        "weights": f"ZeRO stage {a['zero_stage']}" if a["zero_stage"] else "",
+        "weights": f"ZeRO stage {a['zero_stage']}" if a["zero_stage"] else (
+            "fp32 under autocast (the plain Trainer's own master copy)"
+            if result["method"] == "full" and not result["zero"]["deepspeed"] and a["precision"] != "fp32" else ""),
     }
     for key in ("weights", "gradients", "optimizer", "activations", "overhead", "total"):
         per_device, job = gb(result["per_device"][key]), gb(result["bytes"][key])
         lines.append(f"  {key:<13}{per_device:>10}{job:>11}  {notes.get(key, '')}")
     if result["cpu_offload_bytes"]:
         lines.append(f"  {'cpu offload':<13}{'':>10}{gb(result['cpu_offload_bytes']):>11}  host memory")
+    zero = result["zero"]
+    lines.append(f"  {'deepspeed':<13}{zero['label']}" + (f" (stage auto: {zero['reason']})" if zero["auto"] else
+                                                          f" ({zero['reason']})"))
     verdict = "fits" if result["fits"] else "DOES NOT FIT"
     scope = "per GPU" if on_gpu else "in all"
     lines += ["", f"{verdict}: {gb(result['needed_bytes'])} {scope} of {gb(result['gpu_memory_bytes'])}"]
@@ -78,6 +83,6 @@ def format_estimate(result: dict) -> str:
             needs = "fits on no number of these GPUs"
         else:
             plural = "s" if alt["gpus_needed"] > 1 else ""
-            needs = f"needs {alt['gpus_needed']} GPU{plural} at ZeRO stage {alt['zero_stage']}"
+            needs = f"needs {alt['gpus_needed']} GPU{plural} with {alt['zero']}"
         lines.append(f"  {method:<6}{gb(alt['needed_bytes']):>10} {scope} here; {needs}")
     return "\n".join(lines)

@@ -48,9 +48,11 @@ def config_shape(config: RunConfig, method: str | None = None) -> dict[str, Any]
                         len(config.model.add_tokens), config.model.revision)
 
 
-def _settings(config: RunConfig, method: str, device: str, default_attn: str = "sdpa") -> dict[str, Any]:
+def _settings(config: RunConfig, method: str, device: str, default_attn: str, zero) -> dict[str, Any]:
     """memory_bytes keyword arguments for `config` run as `method` (alternatives keep batch, length, optimizer).
-    default_attn: the kernel model.attn_implementation auto loads for this model (the shape's attn_implementation)."""
+    default_attn: the kernel model.attn_implementation auto loads for this model (the shape's attn_implementation).
+    zero: the DeepSpeed set-up it runs with (a `stage.choose_zero` result or a `stage.Rung`: deepspeed, stage,
+    offload_optimizer, offload_param)."""
     t = config.training
     if t.precision != "auto":
         precision = t.precision
@@ -58,27 +60,23 @@ def _settings(config: RunConfig, method: str, device: str, default_attn: str = "
         precision = "bf16" if device == "cuda" else "fp32"  # auto: bf16 on a GPU, fp32 on CPU
     model_dtype = config.model.dtype
     base_dtype_bytes = DTYPE_BYTES[model_dtype] if model_dtype != "auto" else PRECISION_BYTES[precision]
-    # The DeepSpeed section this run would have as `method`: a full run always has one (ZeRO-3 unless it says
-    # otherwise), so a LoRA config's full alternative gets the default section.
-    ds = config.deepspeed or (DeepSpeedConfig() if method == "full" else None)
-    stage, offload_optimizer, offload_param = _zero_settings(ds)
-    stage = min(stage, CONFIG_CLASSES[method].MAX_ZERO_STAGE)  # qlora: 4-bit weights cannot be ZeRO-3 sharded
+    zero = zero._asdict() if hasattr(zero, "_asdict") else zero
     qlora = config.qlora if isinstance(config, QloraRunConfig) else QloraConfig()
     return {
         "method": method, "device": device, "precision": precision, "base_dtype_bytes": base_dtype_bytes,
-        "optim": t.optim, "zero_stage": stage, "offload_optimizer": offload_optimizer, "offload_param": offload_param,
+        "optim": t.optim, "zero_stage": zero["stage"] or 0, "offload_optimizer": zero["offload_optimizer"],
+        "offload_param": zero["offload_param"],
         "micro_batch": t.per_device_train_batch_size, "seq_len": config.data.max_seq_len,
         "gradient_checkpointing": t.gradient_checkpointing, "lora_dropout": lora_settings(config).dropout,
         "double_quant": qlora.double_quant,
         "attn_implementation": default_attn if config.model.attn_implementation == "auto" else config.model.attn_implementation,
-        "deepspeed": ds is not None,
+        "deepspeed": zero["deepspeed"],
     }
 
 
-def _zero_settings(ds: DeepSpeedConfig | None) -> tuple[int, bool, bool]:
-    """ZeRO stage and offload flags: from a user's DeepSpeed config when given, else from the deepspeed section."""
-    if ds is None:
-        return 0, False, False
+def _zero_settings(ds: DeepSpeedConfig) -> tuple[int, bool, bool]:
+    """ZeRO stage and offload flags of a section that names its stage: from a user's DeepSpeed config when given,
+    else from the deepspeed section."""
     user = ds.user_config()
     if user is None:
         return ds.stage, ds.offload_optimizer, ds.offload_param
@@ -115,7 +113,10 @@ def estimate(config: RunConfig, gpus: int | None = None, gpu_memory_gb: float | 
             shapes[method] = config_shape(config, method)
         except UserError:  # a full run gets LoRA's default target names, which this architecture may not have
             pass
-    settings = _settings(config, config.method, device, shape["attn_implementation"])
+    from tunekit.estimate.stage import Rung, choose_zero, label  # stage.py builds on this module's settings
+
+    zero = choose_zero(config, gpus, memory_gb, device)  # deepspeed.stage auto: what fits here
+    settings = _settings(config, config.method, device, shape["attn_implementation"], zero)
     mem = memory_bytes(shape, gpus=gpus, **settings)
 
     tokens, tokens_how = training_tokens(config, gpus, examples, avg_tokens_per_example)
@@ -133,10 +134,15 @@ def estimate(config: RunConfig, gpus: int | None = None, gpu_memory_gb: float | 
 
     alternatives = {}
     for method in (m for m in ("full", "lora", "qlora") if m in shapes):
-        alt_settings = _settings(config, method, device, shape["attn_implementation"])
+        alt_zero = zero if method == config.method else choose_zero(config, gpus, memory_gb, device, method)
+        alt_settings = _settings(config, method, device, shape["attn_implementation"], alt_zero)
         alt = memory_bytes(shapes[method], gpus=gpus, **alt_settings)
         needed_gpus = None  # on CPU more processes share the same RAM: adding them never helps
         if device == "cuda":
+            if not alt_zero["fits"] and alt_zero["auto"]:
+                # auto on more GPUs: the most sharded stage without offload (what auto picks when it must shard).
+                alt_settings.update(zero_stage=CONFIG_CLASSES[method].MAX_ZERO_STAGE, deepspeed=True,
+                                    offload_optimizer=False, offload_param=False)
             needed_gpus = min_gpus(shapes[method], memory, **alt_settings)
             if needed_gpus is None and method == "lora" and alt_settings["zero_stage"] < 3:
                 # Replicas cannot fit a base that one GPU cannot hold; ZeRO-3 can shard it.
@@ -148,6 +154,8 @@ def estimate(config: RunConfig, gpus: int | None = None, gpu_memory_gb: float | 
             "fits": _needed(alt, device) <= memory,
             "gpus_needed": needed_gpus,
             "zero_stage": alt_settings["zero_stage"],
+            "zero": label(Rung(alt_settings["deepspeed"], alt_settings["zero_stage"] if alt_settings["deepspeed"]
+                               else None, alt_settings["offload_optimizer"], alt_settings["offload_param"]), gpus),
         }
 
     return {
@@ -175,12 +183,14 @@ def estimate(config: RunConfig, gpus: int | None = None, gpu_memory_gb: float | 
         "gpu_hours": gpu_hours,
         "cost_usd": cost,
         "alternatives": alternatives,
+        "zero": zero,  # the DeepSpeed set-up this run gets here, and why (stage.choose_zero)
         "assumptions": {
             "gb": "1e9 bytes",
             "precision": settings["precision"],
             "base_weights_bytes_per_param": settings["base_dtype_bytes"] if config.method == "lora" else None,
             "optimizer": f"{settings['optim']}: {ADAM_BYTES_PER_PARAM[settings['optim']]} B/param for Adam m+v",
-            "master_weights": config.method == "full" and settings["precision"] != "fp32",
+            # DeepSpeed's mixed precision keeps an fp32 master copy; the plain Trainer's fp32 weights are their own.
+            "master_weights": config.method == "full" and settings["precision"] != "fp32" and zero["deepspeed"],
             "zero_stage": settings["zero_stage"],
             "micro_batch": settings["micro_batch"],
             "seq_len": settings["seq_len"],

@@ -78,6 +78,8 @@ CPU_RUNTIME_BYTES = 0.6e9
 ALLOCATOR_FRAGMENTATION = 0.10
 # ZeRO-3 gathers a module's full weights before using it and holds its full gradient until the reduce-scatter:
 # the largest module (the embedding or lm_head for big vocabularies, else one decoder layer) x2, in compute dtype.
+# The task metric's generation and the forgetting monitor's loss gather the same way, one module at a time, before
+# and after training (backends.common.layer_by_layer): no whole-model copy per device to count.
 ZERO3_GATHER_FACTOR = 2
 
 
@@ -183,19 +185,22 @@ def memory_bytes(shape: dict, *, method: str, gpus: int = 1, device: str = "cuda
     one GPU (or process); "job" sums all `gpus` of them (a sharded bucket counts once, a replicated one `gpus` times).
     ZeRO shards the optimizer from stage 1, gradients from stage 2, weights at stage 3; stage 0 is plain data
     parallelism (every GPU holds everything). Offloaded buckets move to "cpu_offload" (host memory).
-    deepspeed: whether DeepSpeed runs (None: when zero_stage > 0; a full run always has it). fused_lm_head: TRL's
-    chunked loss (True, what tunekit's SFTTrainer runs) or full logits (see lm_head_bytes).
+    deepspeed: whether DeepSpeed runs (None: when zero_stage > 0, and for full). A full run without it (the plain
+    Trainer: `deepspeed.stage: auto` on one process) keeps fp32 weights under autocast, which are also the master
+    copy. fused_lm_head: TRL's chunked loss (True, what tunekit's SFTTrainer runs) or full logits (lm_head_bytes).
     """
     compute_bytes = PRECISION_BYTES[precision]
     mixed = compute_bytes < BYTES_PER_PARAM_FP32
-    deepspeed = zero_stage > 0 if deepspeed is None else deepspeed
+    deepspeed = (zero_stage > 0 or method == "full") if deepspeed is None else deepspeed
     adam = ADAM_BYTES_PER_PARAM[optim]
     n_params, n_trainable = shape["params"], shape["trainable_params"]
     head_input_bytes = compute_bytes
     if method == "full":
-        weights = n_params * compute_bytes
+        # DeepSpeed casts the weights to the compute dtype and keeps an fp32 master copy in the optimizer; the plain
+        # Trainer loads fp32 (backends.common.load_dtype) and autocasts, so its weights are their own master copy.
+        weights = n_params * (compute_bytes if deepspeed else BYTES_PER_PARAM_FP32)
         gradients = n_params * BYTES_PER_PARAM_GRAD
-        optimizer = n_params * (adam + (BYTES_PER_PARAM_MASTER if mixed else 0))
+        optimizer = n_params * (adam + (BYTES_PER_PARAM_MASTER if mixed and deepspeed else 0))
     else:
         if method == "qlora":
             quantized = shape["linear_params"]
