@@ -77,7 +77,7 @@ sys.exit(code)
 
 
 def test_stop_signals_and_ddp_timeout_are_validated():
-    assert TrainingConfig().stop_signals == ["SIGTERM", "SIGUSR1"] and TrainingConfig().ddp_timeout == 300
+    assert TrainingConfig().stop_signals == ["SIGTERM", "SIGUSR1"] and TrainingConfig().ddp_timeout is None
     assert TrainingConfig(stop_signals=[]).stop_signals == []
     for bad, message in ((["SIGKILL"], "cannot be caught"), (["SIGSTOP"], "cannot be caught"),
                          (["TERM"], "not a signal name"), (["SIG_DFL"], "not a signal name")):
@@ -153,6 +153,27 @@ def test_ddp_timeout_reaches_the_trainer_arguments_and_groups_made_later(tmp_pat
     args = training_arguments(config_mod.load(path, check_paths=False))
     assert args.ddp_timeout == 42 and args.ddp_timeout_delta.total_seconds() == 42
     assert c10d._get_default_timeout(c10d.Backend("gloo")).total_seconds() == 42
+
+
+def test_the_default_ddp_timeout_covers_rank_zeros_checkpoint_write():
+    """null ddp_timeout: a few minutes for what saves quickly; for a model whose save takes longer, twice rank 0's
+    write (the other ranks wait for it in a barrier), which ZeRO shortens by splitting the optimizer state."""
+    from tunekit.estimate.checkpoint import (MIN_DDP_TIMEOUT_S, checkpoint_bytes, default_ddp_timeout,
+                                             write_seconds)
+
+    def rank0(params, method="full", deepspeed=True, world=8, trainable=None):
+        return checkpoint_bytes(params, trainable or params, method=method, weight_bytes=2, adam_bytes=8,
+                                deepspeed=deepspeed, world=world, rank0_only=True)
+
+    assert default_ddp_timeout(rank0(8e9, "lora", trainable=40e6)) == MIN_DDP_TIMEOUT_S
+    big = rank0(70e9, world=64)  # the consolidated bf16 weights plus 1/64 of Adam + master
+    assert big == 70e9 * 2 + 70e9 * 12 / 64
+    assert default_ddp_timeout(big) >= 2 * write_seconds(big) > MIN_DDP_TIMEOUT_S
+    assert default_ddp_timeout(big) % 60 == 0
+    assert rank0(8e9, deepspeed=False) == checkpoint_bytes(8e9, 8e9, method="full", weight_bytes=2, adam_bytes=8,
+                                                           deepspeed=False)  # DDP: rank 0 writes everything
+    assert rank0(8e9, world=8) < checkpoint_bytes(8e9, 8e9, method="full", weight_bytes=2, adam_bytes=8,
+                                                  deepspeed=True)
 
 
 def fake_run(root: Path, steps: list[int], metrics: dict[int, float] | None = None) -> Path:
@@ -295,6 +316,8 @@ def test_one_process_signal_saves_the_step_exits_75_and_resume_auto_ends_equal(l
 
     reference = lora_config("reference")
     assert main(["train", str(reference)]) == 0
+    resolved = json.loads((output_dir(reference) / "resolved.json").read_text())
+    assert resolved["ddp_timeout"] == 300  # null: the default, sized for a tiny model's save; recorded as run
 
     config = lora_config("signalled")
     run = output_dir(config)

@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from tunekit import cli
-from tunekit.slurm import MIN_GRACE_S, checkpoint_bytes, grace_seconds, parse_time
+from tunekit.estimate.checkpoint import checkpoint_bytes
+from tunekit.slurm import MIN_GRACE_S, grace_seconds, parse_time
 
 def write_config(root: Path, base: Path | str, train: Path, name: str = "run", method: str = "lora",
                  **sections) -> Path:

@@ -249,9 +249,10 @@ class TrainingConfig(Section):
     stop_signals: list[str] = Field(default_factory=lambda: ["SIGTERM", "SIGUSR1"], description=(
         "Signals that stop training cleanly: every rank stops at the next optimizer step, one complete checkpoint "
         "is saved there and `tunekit train` exits 75 (rerun with --resume auto). [] turns this off."))
-    ddp_timeout: int = Field(300, gt=0, description=(
+    ddp_timeout: int | None = Field(None, gt=0, description=(
         "Seconds a collective may wait for the other ranks before the job fails with an error (a stalled or lost "
-        "rank ends the job instead of hanging it). Must cover the slowest step, evaluation and save."))
+        "rank ends the job instead of hanging it). Must cover the slowest step, evaluation and save. Default: 300, "
+        "or twice rank 0's estimated checkpoint write at 200 MB/s when longer (resolved.json records it)."))
 
     @field_validator("max_steps")
     @classmethod

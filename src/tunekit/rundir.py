@@ -50,6 +50,7 @@ class Resolved(BaseModel):
     load_dtype: str = Field(description="dtype the base weights were loaded in: float32 | bfloat16 | float16.")
     zero_stage: int | None = Field(description="DeepSpeed ZeRO stage that ran; None without DeepSpeed.")
     world_size: int = Field(description="Training processes (GPUs) in the job.")
+    ddp_timeout: int | None = Field(None, description="Seconds a collective waited for the other ranks at most.")
     attn_implementation: str | None = Field(description="Attention kernel the loaded model uses.")
     device: str = Field(description="cpu, or cuda with the first GPU's name.")
     versions: dict[str, str] = Field(description="Library versions that ran (python too).")

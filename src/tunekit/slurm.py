@@ -25,7 +25,7 @@ TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later (default 30): the script sets it to
 the signals the agent handles by default (TORCHELASTIC_SIGNALS_TO_HANDLE); SIGUSR1 is not (the agent would die of
 it, leaving its workers), which is why the shell forwards SIGTERM rather than the USR1 it received.
 
-Pure functions (grace_seconds, checkpoint_bytes, render_sbatch, parse_time) plus plan_job, which reads the model's
+Pure functions (grace_seconds, render_sbatch, parse_time) plus plan_job, which reads the model's
 shape for the estimate, and write_sbatch, the one writer.
 """
 
@@ -40,16 +40,12 @@ import sys
 from pathlib import Path
 
 from tunekit.errors import UserError
+from tunekit.estimate.checkpoint import ASSUMED_WRITE_BYTES_PER_S
 
-# One node's sustained write to the shared filesystem the run directory lives on. 200 MB/s is deliberately low (NFS
-# over 10 GbE reaches ~1 GB/s, a Lustre client 1-5 GB/s): rank 0 writes the gathered 16-bit weights alone, and a
-# save that does not fit the grace period loses the whole interval since the last checkpoint.
-ASSUMED_WRITE_BYTES_PER_S = 200e6
 # Agreeing on the stop (one all-reduce per step), the marker, fsyncs, and the launcher noticing its workers left.
 STOP_MARGIN_S = 30
 MIN_GRACE_S = 60
 MAX_GRACE_S = 65535  # sbatch --signal's sig_time is at most 65535 s
-BYTES_PER_PARAM_MASTER = 4  # DeepSpeed's fp32 master copy of every trained weight (in the checkpoint too)
 FORWARDED_SIGNAL = "SIGTERM"  # what the batch shell sends the steps; Slurm itself sends SIGTERM at preemption
 _JOB_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -104,18 +100,6 @@ def parse_time(text: str) -> int:
     return total
 
 
-def checkpoint_bytes(params: float, trainable_params: float, *, method: str, weight_bytes: float, adam_bytes: float,
-                     deepspeed: bool) -> float:
-    """Bytes one checkpoint writes (summed over ranks): full FT saves every weight (`weight_bytes` each), Adam's m
-    and v (`adam_bytes` per trained weight) and, under DeepSpeed, its fp32 master copy; LoRA/QLoRA save only the
-    adapter (fp32, or `weight_bytes` under DeepSpeed's mixed precision) and its optimizer state."""
-    master = BYTES_PER_PARAM_MASTER if deepspeed else 0
-    if method == "full":
-        return params * (weight_bytes + adam_bytes + master)
-    adapter = weight_bytes if deepspeed else 4
-    return trainable_params * (adapter + adam_bytes + master)
-
-
 def grace_seconds(save_bytes: float, step_s: float, write_bytes_per_s: float = ASSUMED_WRITE_BYTES_PER_S) -> int:
     """Seconds between the warning signal and the kill that one save needs: finish the current step, write
     `save_bytes`, stop; rounded up to 10 s, at least MIN_GRACE_S. Raises UserError past Slurm's limit."""
@@ -136,7 +120,8 @@ def plan_job(config, config_path: str, overrides: tuple[str, ...] | list[str], *
     (tunekit.estimate.stage.choose_zero) and the grace period from the estimate's checkpoint size. Raises UserError
     for options that cannot work."""
     from tunekit.checkpoints import human_bytes
-    from tunekit.estimate import ADAM_BYTES_PER_PARAM, DTYPE_BYTES, PRECISION_BYTES, config_shape
+    from tunekit.estimate import config_shape
+    from tunekit.estimate.checkpoint import run_checkpoint
     from tunekit.estimate.cost import training_flops, training_hours
 
     if nodes < 1:
@@ -169,17 +154,12 @@ def plan_job(config, config_path: str, overrides: tuple[str, ...] | list[str], *
     world = nodes * per_node
 
     choice, pins = _deepspeed_choice(config, world, gpu_memory_gb, device)
-    deepspeed = bool(choice["deepspeed"])
 
     # Grace: the estimate's checkpoint size at the assumed write speed, plus one optimizer step.
     shape = config_shape(config)
     t = config.training
-    precision = t.precision if t.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
-    compute_bytes = PRECISION_BYTES[precision]
-    weight_bytes = DTYPE_BYTES[config.model.dtype] if config.model.dtype != "auto" else compute_bytes
-    save = checkpoint_bytes(shape["params"], shape["trainable_params"], method=config.method,
-                            weight_bytes=weight_bytes if config.method == "full" else compute_bytes,
-                            adam_bytes=ADAM_BYTES_PER_PARAM[t.optim], deepspeed=deepspeed)
+    checkpoint = run_checkpoint(config, choice, device, world)
+    save = checkpoint["bytes"]
     step_s = 0.0
     if device == "cuda":  # GPU time from FLOPs (estimate/cost.py's A100 rule); no such model for CPU nodes
         step_tokens = t.per_device_train_batch_size * t.gradient_accumulation_steps * world * config.data.max_seq_len
@@ -187,9 +167,7 @@ def plan_job(config, config_path: str, overrides: tuple[str, ...] | list[str], *
                                gradient_checkpointing=t.gradient_checkpointing)
         step_s = training_hours(flops, method=config.method, gpus=world) * 3600
     grace = grace_seconds(save, step_s)
-    what = "weights + Adam state" + (" + fp32 master" if deepspeed else "") if config.method == "full" else \
-        "adapter + its Adam state" + (" + fp32 master" if deepspeed else "")
-    grace_why = (f"checkpoint ~{human_bytes(save)} ({what}) at an assumed {ASSUMED_WRITE_BYTES_PER_S / 1e6:.0f} "
+    grace_why = (f"checkpoint ~{human_bytes(save)} ({checkpoint['what']}) at an assumed {ASSUMED_WRITE_BYTES_PER_S / 1e6:.0f} "
                  f"MB/s = {save / ASSUMED_WRITE_BYTES_PER_S:.0f} s, + one step (~{step_s:.0f} s"
                  f"{', unknown on CPU' if device == 'cpu' else ''}) + {STOP_MARGIN_S} s to stop -> {grace} s "
                  f"(at least {MIN_GRACE_S})")

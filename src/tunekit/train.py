@@ -40,6 +40,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: str | None = None,
     preflight = run_preflight(config, force)
     as_written, config = config, deepspeed.resolve_stage(config, preflight["zero"])  # stage auto: chosen for here
     deepspeed.check_resumed_stage(as_written, config, checkpoint)  # a checkpoint resumes under the set-up it had
+    config = with_ddp_timeout(config, preflight)  # null: long enough for this model's save
     tokenizer = load_tokenizer(config)
     data = prepare_data(config, tokenizer)  # all data errors surface here, before anything is written
     args = training_arguments(config, deepspeed.deepspeed_config(config))  # before the model: ZeRO-3 shards at load
@@ -90,6 +91,18 @@ def run_preflight(config: RunConfig, force: bool) -> dict:
     if is_rank_zero():
         print(format_estimate(result))
     return result
+
+
+def with_ddp_timeout(config: RunConfig, preflight: dict) -> RunConfig:
+    """`config` with training.ddp_timeout null replaced by the default sized from this run's checkpoint (the other
+    ranks wait in a barrier while rank 0 writes it: estimate.checkpoint.default_ddp_timeout)."""
+    if config.training.ddp_timeout is not None:
+        return config
+    from tunekit.estimate.checkpoint import default_ddp_timeout, run_checkpoint
+
+    checkpoint = run_checkpoint(config, preflight["zero"], preflight["device"], preflight["gpus"])
+    training = config.training.model_copy(update={"ddp_timeout": default_ddp_timeout(checkpoint["rank0_bytes"])})
+    return config.model_copy(update={"training": training})
 
 
 def task_metric(model, tokenizer, data, config: RunConfig) -> float | None:

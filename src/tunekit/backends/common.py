@@ -503,7 +503,10 @@ def training_arguments(config: RunConfig, deepspeed_config: dict | None = None):
     """TRL SFTConfig for any method. Must be built BEFORE from_pretrained under ZeRO-3 so weights shard at load."""
     from trl import SFTConfig
 
-    use_configured_state = set_up_processes(deepspeed_config, config.training.ddp_timeout)
+    from tunekit.estimate.checkpoint import MIN_DDP_TIMEOUT_S
+
+    timeout = config.training.ddp_timeout or MIN_DDP_TIMEOUT_S  # null: train.with_ddp_timeout sizes it for a run
+    use_configured_state = set_up_processes(deepspeed_config, timeout)
     mode = precision(config)
     t, c = config.training, config.checkpoints
     has_eval = config.data.eval_path is not None or config.data.eval_fraction > 0
@@ -552,7 +555,7 @@ def training_arguments(config: RunConfig, deepspeed_config: dict | None = None):
         disable_tqdm=False,
         save_only_model=False,
         ddp_find_unused_parameters=False if config.method != "full" else None,
-        ddp_timeout=config.training.ddp_timeout,  # the process group's collective timeout (GPU DDP and DeepSpeed)
+        ddp_timeout=timeout,  # the process group's collective timeout (GPU DDP and DeepSpeed)
     )
 
 
@@ -598,6 +601,7 @@ def resolve_settings(config: RunConfig, args, model):
         load_dtype=str(weights_dtype(config)).removeprefix("torch."),
         zero_stage=stage,
         world_size=args.world_size,
+        ddp_timeout=args.ddp_timeout,
         attn_implementation=getattr(model.config, "_attn_implementation", None),
         device=device,
         versions=library_versions(),

@@ -5,6 +5,8 @@ One module per concern, each a set of plain functions:
                  which builds the model on the meta device (no weights, no download) and reads the real module shapes
   memory.py      the byte model: pure arithmetic on a shape, bytes per bucket, per GPU and summed over the job's GPUs
   cost.py        tokens (from max_steps or the data, read with tunekit.data) -> FLOPs -> hours -> USD
+  settings.py    a RunConfig's shape (config_shape) and memory_bytes arguments for one DeepSpeed set-up
+  stage.py       deepspeed.stage auto: choose_zero, the cheapest set-up that fits (no DeepSpeed/DDP, ZeRO 1-3, offload)
   job.py         estimate(config): a RunConfig mapped onto the three above, for its method and the other two
   formatting.py  format_estimate and advice: one screen of text
   preflight.py   preflight_check, which `tunekit train` calls before loading anything, and the hardware probe
@@ -24,7 +26,8 @@ from tunekit.estimate.cost import (
     training_tokens,
 )
 from tunekit.estimate.formatting import advice, format_estimate
-from tunekit.estimate.job import config_shape, estimate, lora_settings
+from tunekit.estimate.job import estimate
+from tunekit.estimate.settings import config_shape, lora_settings
 from tunekit.estimate.memory import (
     ADAM_BYTES_PER_PARAM,
     ALLOCATOR_FRAGMENTATION,

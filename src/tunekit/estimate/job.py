@@ -5,15 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunekit.config import (
-    CONFIG_CLASSES,
-    DeepSpeedConfig,
-    LoraConfig,
-    LoraRunConfig,
-    QloraConfig,
-    QloraRunConfig,
-    RunConfig,
-)
+from tunekit.config import CONFIG_CLASSES, RunConfig
 from tunekit.errors import UserError
 from tunekit.estimate.cost import (
     DEFAULT_MFU,
@@ -28,64 +20,12 @@ from tunekit.estimate.memory import (
     ALLOCATOR_FRAGMENTATION,
     CPU_RUNTIME_BYTES,
     CUDA_CONTEXT_BYTES,
-    DTYPE_BYTES,
     GB,
-    PRECISION_BYTES,
     memory_bytes,
     min_gpus,
 )
-from tunekit.estimate.shapes import count_params
-
-
-def lora_settings(config: RunConfig) -> LoraConfig:
-    """The run's LoRA section, or the defaults for a full run (whose LoRA/QLoRA alternatives the estimate shows)."""
-    return config.lora if isinstance(config, LoraRunConfig) else LoraConfig()
-
-
-def config_shape(config: RunConfig, method: str | None = None) -> dict[str, Any]:
-    """count_params for the run's model as `method` (default the run's own), with its LoRA settings and new tokens."""
-    return count_params(config.model.name_or_path, lora_settings(config), method or config.method,
-                        len(config.model.add_tokens), config.model.revision)
-
-
-def _settings(config: RunConfig, method: str, device: str, default_attn: str, zero) -> dict[str, Any]:
-    """memory_bytes keyword arguments for `config` run as `method` (alternatives keep batch, length, optimizer).
-    default_attn: the kernel model.attn_implementation auto loads for this model (the shape's attn_implementation).
-    zero: the DeepSpeed set-up it runs with (a `stage.choose_zero` result or a `stage.Rung`: deepspeed, stage,
-    offload_optimizer, offload_param)."""
-    t = config.training
-    if t.precision != "auto":
-        precision = t.precision
-    else:
-        precision = "bf16" if device == "cuda" else "fp32"  # auto: bf16 on a GPU, fp32 on CPU
-    model_dtype = config.model.dtype
-    base_dtype_bytes = DTYPE_BYTES[model_dtype] if model_dtype != "auto" else PRECISION_BYTES[precision]
-    zero = zero._asdict() if hasattr(zero, "_asdict") else zero
-    qlora = config.qlora if isinstance(config, QloraRunConfig) else QloraConfig()
-    return {
-        "method": method, "device": device, "precision": precision, "base_dtype_bytes": base_dtype_bytes,
-        "optim": t.optim, "zero_stage": zero["stage"] or 0, "offload_optimizer": zero["offload_optimizer"],
-        "offload_param": zero["offload_param"],
-        "micro_batch": t.per_device_train_batch_size, "seq_len": config.data.max_seq_len,
-        "gradient_checkpointing": t.gradient_checkpointing, "lora_dropout": lora_settings(config).dropout,
-        "double_quant": qlora.double_quant,
-        "attn_implementation": default_attn if config.model.attn_implementation == "auto" else config.model.attn_implementation,
-        "deepspeed": zero["deepspeed"],
-    }
-
-
-def _zero_settings(ds: DeepSpeedConfig) -> tuple[int, bool, bool]:
-    """ZeRO stage and offload flags of a section that names its stage: from a user's DeepSpeed config when given,
-    else from the deepspeed section."""
-    user = ds.user_config()
-    if user is None:
-        return ds.stage, ds.offload_optimizer, ds.offload_param
-    zero = user["zero_optimization"]  # present: the config's validation checked it
-
-    def offloaded(key: str) -> bool:
-        return (zero.get(key) or {}).get("device", "none") != "none"
-
-    return ds.zero_stage(), offloaded("offload_optimizer"), offloaded("offload_param")
+from tunekit.estimate.settings import config_shape, memory_settings, must_fit
+from tunekit.estimate.stage import Rung, choose_zero, label
 
 
 def estimate(config: RunConfig, gpus: int | None = None, gpu_memory_gb: float | None = None,
@@ -113,10 +53,9 @@ def estimate(config: RunConfig, gpus: int | None = None, gpu_memory_gb: float | 
             shapes[method] = config_shape(config, method)
         except UserError:  # a full run gets LoRA's default target names, which this architecture may not have
             pass
-    from tunekit.estimate.stage import Rung, choose_zero, label  # stage.py builds on this module's settings
 
     zero = choose_zero(config, gpus, memory_gb, device)  # deepspeed.stage auto: what fits here
-    settings = _settings(config, config.method, device, shape["attn_implementation"], zero)
+    settings = memory_settings(config, config.method, device, shape["attn_implementation"], zero)
     mem = memory_bytes(shape, gpus=gpus, **settings)
 
     tokens, tokens_how = training_tokens(config, gpus, examples, avg_tokens_per_example)
@@ -135,7 +74,7 @@ def estimate(config: RunConfig, gpus: int | None = None, gpu_memory_gb: float | 
     alternatives = {}
     for method in (m for m in ("full", "lora", "qlora") if m in shapes):
         alt_zero = zero if method == config.method else choose_zero(config, gpus, memory_gb, device, method)
-        alt_settings = _settings(config, method, device, shape["attn_implementation"], alt_zero)
+        alt_settings = memory_settings(config, method, device, shape["attn_implementation"], alt_zero)
         alt = memory_bytes(shapes[method], gpus=gpus, **alt_settings)
         needed_gpus = None  # on CPU more processes share the same RAM: adding them never helps
         if device == "cuda":
@@ -150,8 +89,8 @@ def estimate(config: RunConfig, gpus: int | None = None, gpu_memory_gb: float | 
                 needed_gpus = min_gpus(shapes[method], memory, **alt_settings)
         alternatives[method] = {
             "per_device_total": alt["per_device"]["total"],
-            "needed_bytes": _needed(alt, device),
-            "fits": _needed(alt, device) <= memory,
+            "needed_bytes": must_fit(alt, device),
+            "fits": must_fit(alt, device) <= memory,
             "gpus_needed": needed_gpus,
             "zero_stage": alt_settings["zero_stage"],
             "zero": label(Rung(alt_settings["deepspeed"], alt_settings["zero_stage"] if alt_settings["deepspeed"]
@@ -175,8 +114,8 @@ def estimate(config: RunConfig, gpus: int | None = None, gpu_memory_gb: float | 
         "cpu_offload_bytes": mem["cpu_offload"],
         "gpus": gpus,
         "gpu_memory_bytes": memory,
-        "needed_bytes": _needed(mem, device),
-        "fits": _needed(mem, device) <= memory,
+        "needed_bytes": must_fit(mem, device),
+        "fits": must_fit(mem, device) <= memory,
         "tokens": tokens,
         "flops": flops,
         "train_hours": hours,
@@ -207,8 +146,3 @@ def estimate(config: RunConfig, gpus: int | None = None, gpu_memory_gb: float | 
             "usd_per_gpu_hour": config.preflight.usd_per_gpu_hour,
         },
     }
-
-
-def _needed(mem: dict, device: str) -> float:
-    """What must fit `gpu_memory_bytes`: one GPU's share; on CPU all processes share host RAM, so the job's total."""
-    return mem["job"]["total"] if device == "cpu" else mem["per_device"]["total"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from tunekit.config import CONFIG_CLASSES, DeepSpeedConfig, RunConfig
-from tunekit.estimate.job import _needed, _settings, _zero_settings, config_shape
+from tunekit.estimate.settings import config_shape, memory_settings, must_fit, zero_settings
 from tunekit.estimate.memory import GB, memory_bytes
 
 
@@ -55,8 +55,8 @@ def needed_bytes(config: RunConfig, rung: Rung, gpus: int, device: str = "cuda",
     """What must fit under `rung` (estimate.memory_bytes): bytes per GPU, or on CPU the job's total."""
     method = method or config.method
     shape = config_shape(config, method)
-    settings = _settings(config, method, device, shape["attn_implementation"], rung)
-    return _needed(memory_bytes(shape, gpus=gpus, **settings), device)
+    settings = memory_settings(config, method, device, shape["attn_implementation"], rung)
+    return must_fit(memory_bytes(shape, gpus=gpus, **settings), device)
 
 
 def choose_zero(config: RunConfig, gpus: int, gpu_memory_gb: float, device: str = "cuda",
@@ -86,7 +86,7 @@ def choose_zero(config: RunConfig, gpus: int, gpu_memory_gb: float, device: str 
     if ds is None:
         return result(Rung(False, None), "as configured: no deepspeed section", auto=False)
     if ds.config is not None or ds.stage != "auto":
-        stage, offload_optimizer, offload_param = _zero_settings(ds)
+        stage, offload_optimizer, offload_param = zero_settings(ds)
         # An alternative method keeps the run's stage where it can (QLoRA: at most 2).
         rung = Rung(True, min(stage, max_stage), offload_optimizer, offload_param and min(stage, max_stage) >= 3)
         return result(rung, "as configured", auto=False)
