@@ -65,12 +65,15 @@ def test_full_report_with_every_section(tmp_path):
 
 
 def test_minimal_report_full_ft_without_eval(tmp_path):
-    summary = {"method": "full", "final_train_loss": 1.0}
+    summary = {"method": "full", "final_train_loss": 1.0,
+               "zero": {"label": "ZeRO-1", "reason": "8 processes: DDP (no DeepSpeed) needs 149.3 GB, more than 80.0 GB "
+                                                  "per GPU; ZeRO-1 needs 74.2 GB"}}
     path = write_report(tmp_path, summary, synthetic_log_history(with_eval=False))
     assert_png(tmp_path / "loss.png") and assert_png(tmp_path / "lr.png")
     assert not (tmp_path / "memory.png").exists() and not (tmp_path / "spectrum.png").exists()
     text = path.read_text()
     assert "## Summary" in text
+    assert "| deepspeed | ZeRO-1: 8 processes: DDP (no DeepSpeed) needs 149.3 GB" in text  # the stage auto chose, and why
     for absent in ("LoRA rank spectrum", "Forgetting", "Checkpoints", "FLAGGED"):
         assert absent not in text
 

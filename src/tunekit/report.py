@@ -188,6 +188,9 @@ def _summary_section(summary: dict) -> list[str]:
         return []
     lines = ["## Summary", "", "| | |", "| --- | --- |"]
     lines += [f"| {key} | {format_value(key, value)} |" for key, value in rows]
+    zero = summary.get("zero")
+    if isinstance(zero, dict) and zero.get("label"):  # the DeepSpeed set-up (deepspeed.stage auto) and why
+        lines.append(f"| deepspeed | {zero['label']}: {zero.get('reason', '')} |")
     return lines + [""]
 
 
