@@ -166,7 +166,7 @@ class DeepSpeedConfig(Section):
         if self.config is not None and shaping:
             raise ValueError(f"deepspeed.{shaping[0]}: not used when deepspeed.config is given "
                              "(set it inside that DeepSpeed config instead)")
-        if self.config is None and self.stage == "auto" and (self.offload_optimizer or self.offload_param):
+        if self.chooses_stage and (self.offload_optimizer or self.offload_param):
             # auto offloads only as its last rung; a forced offload is a stage decision, so it names the stage.
             name = "offload_optimizer" if self.offload_optimizer else "offload_param"
             raise ValueError(f"deepspeed.{name}: needs an explicit deepspeed.stage (auto offloads by itself, only "
@@ -205,6 +205,11 @@ class DeepSpeedConfig(Section):
             raise UserError(f"deepspeed.config: {self.config}: expected a JSON object")
         _zero_section(parsed, f"deepspeed.config: {self.config}", error=UserError)
         return parsed
+
+    @property
+    def chooses_stage(self) -> bool:
+        """True when tunekit picks the stage for the machine (`stage: auto`, no user DeepSpeed config)."""
+        return self.config is None and self.stage == "auto"
 
     def zero_stage(self) -> int | Literal["auto"]:
         """The ZeRO stage this section runs: the user config's zero_optimization.stage, else `stage` ("auto" until

@@ -197,7 +197,7 @@ def _deepspeed_choice(config, world: int, gpu_memory_gb: float | None, device: s
     choice = choose_zero(config, world, memory, device=device)
     ds = config.deepspeed
     pins: tuple[str, ...] = ()
-    if ds is not None and ds.config is None and ds.stage == "auto" and choice["deepspeed"]:
+    if ds is not None and ds.chooses_stage and choice["deepspeed"]:
         pins = (f"deepspeed.stage={choice['stage']}",)
         if choice.get("offload_optimizer"):
             pins += ("deepspeed.offload_optimizer=true",)

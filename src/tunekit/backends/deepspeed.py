@@ -24,7 +24,7 @@ def resolve_stage(config: RunConfig, zero: dict) -> RunConfig:
     section when the choice is no DeepSpeed, else with the chosen stage and offloads. Any other config is returned
     as is. A copy: the config as written (auto) is what config.yaml records; resolved.json records what ran."""
     section = config.deepspeed
-    if section is None or section.config is not None or section.stage != "auto":
+    if section is None or not section.chooses_stage:
         return config
     if not zero["deepspeed"]:
         return config.model_copy(update={"deepspeed": None})
@@ -41,7 +41,7 @@ def check_resumed_stage(as_written: RunConfig, chosen: RunConfig, checkpoint: st
     from tunekit.rundir import read_resolved
 
     section = as_written.deepspeed
-    if checkpoint is None or section is None or section.config is not None or section.stage != "auto":
+    if checkpoint is None or section is None or not section.chooses_stage:
         return
     resolved = read_resolved(as_written.output_dir)
     now = chosen.deepspeed.zero_stage() if chosen.deepspeed is not None else None
@@ -67,7 +67,7 @@ def deepspeed_config(config: RunConfig) -> dict | None:
     section = config.deepspeed
     if section is None:
         return None
-    if section.config is None and section.stage == "auto":
+    if section.chooses_stage:
         raise ValueError("deepspeed.stage is auto: resolve it for this machine first (resolve_stage)")
     ds = section.user_config()  # a copy: filled in below; deepspeed.stage / offload_* only shape the generated one
     if ds is None:

@@ -14,8 +14,8 @@ import math
 from typing import Any
 
 from tunekit.config import RunConfig
-from tunekit.estimate.memory import ADAM_BYTES_PER_PARAM, BYTES_PER_PARAM_MASTER, DTYPE_BYTES, PRECISION_BYTES
-from tunekit.estimate.settings import config_shape
+from tunekit.estimate.memory import ADAM_BYTES_PER_PARAM, BYTES_PER_PARAM_MASTER, PRECISION_BYTES
+from tunekit.estimate.settings import config_shape, memory_settings
 
 # One node's sustained write to the shared filesystem the run directory lives on. 200 MB/s is deliberately low (NFS
 # over 10 GbE reaches ~1 GB/s, a Lustre client 1-5 GB/s): a save that outlasts the Slurm grace period loses the
@@ -43,13 +43,13 @@ def run_checkpoint(config: RunConfig, zero: dict[str, Any], device: str, world: 
     """The checkpoint of `config` under `zero` (a choose_zero result) on `world` processes: {"bytes" (all ranks),
     "rank0_bytes", "what" (what it holds, for a comment)}. Reads only the model's config (its shape)."""
     shape = config_shape(config)
-    t = config.training
-    precision = t.precision if t.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
-    compute_bytes = PRECISION_BYTES[precision]
-    weight_bytes = DTYPE_BYTES[config.model.dtype] if config.model.dtype != "auto" else compute_bytes
+    settings = memory_settings(config, config.method, device, shape["attn_implementation"], zero)
+    # full saves the weights in their load dtype; an adapter trains in the compute dtype
+    weight_bytes = (settings["base_dtype_bytes"] if config.method == "full"
+                    else PRECISION_BYTES[settings["precision"]])
     deepspeed = bool(zero["deepspeed"])
-    kwargs = dict(method=config.method, weight_bytes=weight_bytes if config.method == "full" else compute_bytes,
-                  adam_bytes=ADAM_BYTES_PER_PARAM[t.optim], deepspeed=deepspeed, world=world)
+    kwargs = dict(method=config.method, weight_bytes=weight_bytes, adam_bytes=ADAM_BYTES_PER_PARAM[settings["optim"]],
+                  deepspeed=deepspeed, world=world)
     master = " + fp32 master" if deepspeed else ""
     what = f"weights + Adam state{master}" if config.method == "full" else f"adapter + its Adam state{master}"
     return {"bytes": checkpoint_bytes(shape["params"], shape["trainable_params"], **kwargs),

@@ -77,15 +77,15 @@ def choose_zero(config: RunConfig, gpus: int, gpu_memory_gb: float, device: str 
     def needed(rung: Rung) -> float:
         return needed_bytes(config, rung, gpus, device, method)
 
-    def result(rung: Rung, reason: str, auto: bool) -> dict[str, Any]:
-        need = needed(rung)
+    def result(rung: Rung, reason: str, auto: bool, need: float | None = None) -> dict[str, Any]:
+        need = needed(rung) if need is None else need
         return {"deepspeed": rung.deepspeed, "stage": rung.stage, "offload_optimizer": rung.offload_optimizer,
                 "offload_param": rung.offload_param, "fits": need <= memory, "reason": reason, "auto": auto,
                 "label": label(rung, gpus), "needed_bytes": need}
 
     if ds is None:
         return result(Rung(False, None), "as configured: no deepspeed section", auto=False)
-    if ds.config is not None or ds.stage != "auto":
+    if not ds.chooses_stage:
         stage, offload_optimizer, offload_param = zero_settings(ds)
         # An alternative method keeps the run's stage where it can (QLoRA: at most 2).
         rung = Rung(True, min(stage, max_stage), offload_optimizer, offload_param and min(stage, max_stage) >= 3)
@@ -110,4 +110,4 @@ def choose_zero(config: RunConfig, gpus: int, gpu_memory_gb: float, device: str 
         reason = f"{processes}: {'; '.join(tried[:-1])}, more than {have}; {tried[-1]}"
         if rung.offload_optimizer:
             reason += " (ZeRO-Offload: states in host RAM, slower steps)"
-    return result(rung, reason, auto=True)
+    return result(rung, reason, auto=True, need=need)
