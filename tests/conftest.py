@@ -31,6 +31,15 @@ def demo_data(tmp_path_factory) -> dict[str, Path]:
     return write_demo_task(tmp_path_factory.mktemp("demo-data"), n_train=256, n_eval=32, n_variants=16)
 
 
+@pytest.fixture(scope="session")
+def preference_data(tmp_path_factory) -> dict[str, Path]:
+    """The tiny preference task written small into a tmp dir: {"train", "eval", "chat_train", "chat_eval"} -> path
+    (string rows, then chat rows; 256 train and 32 eval pairs). Session-scoped; tests must not modify these files."""
+    from tunekit.tiny import write_preference_task
+
+    return write_preference_task(tmp_path_factory.mktemp("preference-data"), n_train=256, n_eval=32)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_environment(tmp_path_factory):
     """Tests never touch the user's caches or a tracker: tokenization cache in tmp, wandb offline, and DeepSpeed's

@@ -17,10 +17,10 @@ import pytest
 
 from tunekit import config as config_mod
 from tunekit.cli import main
-from tunekit.config import LoraConfig, QloraRunConfig, RunConfig, TrainingConfig
+from tunekit.config import LoraConfig, RunConfig, TrainingConfig
 from tunekit.errors import UserError
 from tunekit import estimate as est
-from tunekit.estimate import preflight as preflight_mod, shapes
+from tunekit.estimate import preflight as preflight_mod
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -663,3 +663,113 @@ def test_example_configs_on_80gb_gpus(method, gpus, fits, zero):
         assert config.preflight.gpu_memory_gb == 24 and result["gpu_memory_bytes"] == 80 * GB
     if method == "full":
         assert config.preflight.gpus == 8  # the example states its GPU count
+
+
+# ---------------------------------------------------------------- preference objectives (dpo, orpo)
+
+def preference_config(method: str, objective: str, reference: str | None = None, **extra) -> RunConfig:
+    """run_config's 7B run with preference data and `objective` (dpo: dpo.reference as given)."""
+    raw = {
+        "method": method, "output_dir": "out", "objective": objective,
+        "model": {"name_or_path": "tunekit:llama-2-7b"},
+        "data": {"sources": [{"path": "pairs.jsonl", "format": "preference", "max_examples": 50_000}],
+               "max_seq_len": 512},
+        "training": {"per_device_train_batch_size": 1, "gradient_checkpointing": True},
+        **extra,
+    }
+    if reference is not None:
+        raw["dpo"] = {"reference": reference}
+    return config_mod.parse(raw)
+
+
+@pytest.mark.parametrize("stage, gpus", [(0, 1), (2, 8), (3, 8)])
+def test_dpo_full_reference_is_one_frozen_weight_copy_sharded_like_the_policy(stage, gpus):
+    kwargs = dict(zero_stage=stage, gpus=gpus, deepspeed=True)
+    shape, orpo = mem("llama-2-7b", "full", pairs=True, **kwargs)  # the same pairs, no reference
+    _, dpo = mem("llama-2-7b", "full", pairs=True, reference="model", **kwargs)
+    for key in ("weights", "gradients", "optimizer"):  # no gradients or optimizer state for the reference
+        assert dpo["per_device"][key] == orpo["per_device"][key]
+    share = shape["params"] * est.BYTES_PER_PARAM_BF16 / (gpus if stage == 3 else 1)  # TRL: ZeRO-3 or stage 0
+    assert dpo["per_device"]["reference"] == pytest.approx(share)
+    assert dpo["job"]["reference"] == pytest.approx(shape["params"] * est.BYTES_PER_PARAM_BF16 * (1 if stage == 3
+                                                                                                  else gpus))
+    assert dpo["per_device"]["activations"] > orpo["per_device"]["activations"]  # the reference's forward
+    assert "reference" not in orpo["per_device"]  # sft and orpo have no reference line
+
+
+def test_dpo_full_reference_under_the_plain_trainer_is_fp32_like_its_weights():
+    _, dpo = mem("llama-2-7b", "full", pairs=True, reference="model", deepspeed=False)
+    assert dpo["per_device"]["reference"] == dpo["per_device"]["weights"]
+
+
+def test_dpo_reference_offloads_with_the_parameters():
+    shape, dpo = mem("llama-2-7b", "full", pairs=True, reference="model", zero_stage=3, gpus=8,
+                     offload_optimizer=True, offload_param=True)
+    assert dpo["per_device"]["reference"] == 0
+    # host memory: the policy's and the reference's bf16 weights, Adam's m and v and the fp32 master copy
+    assert dpo["cpu_offload"] == pytest.approx(shape["params"] * (
+        2 * est.BYTES_PER_PARAM_BF16 + est.ADAM_BYTES_PER_PARAM["adamw_torch"] + est.BYTES_PER_PARAM_MASTER))
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_precomputed_reference_costs_no_memory_during_training(method):
+    _, orpo = mem("llama-2-7b", method, pairs=True)
+    _, pre = mem("llama-2-7b", method, pairs=True, reference="precomputed")
+    assert pre["per_device"]["reference"] == 0
+    assert {k: v for k, v in pre["per_device"].items() if k != "reference"} == orpo["per_device"]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_adapter_dpo_reference_is_the_base_without_its_adapter(method):
+    _, orpo = mem("llama-2-7b", method, pairs=True)
+    _, dpo = mem("llama-2-7b", method, pairs=True, reference="model")
+    assert dpo["per_device"]["reference"] == 0  # no weight bytes: the adapter is disabled, not a second copy
+    for key in ("weights", "gradients", "optimizer"):
+        assert dpo["per_device"][key] == orpo["per_device"][key]
+    assert dpo["per_device"]["activations"] > orpo["per_device"]["activations"]  # but a second, no-grad forward
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_pairs_cost_the_activations_of_twice_the_sequences(method, checkpointing):
+    _, pairs = mem("llama-2-7b", method, pairs=True, micro_batch=2, gradient_checkpointing=checkpointing)
+    _, doubled = mem("llama-2-7b", method, micro_batch=4, gradient_checkpointing=checkpointing)
+    assert pairs["per_device"]["activations"] == doubled["per_device"]["activations"]
+
+
+def test_dpo_estimate_names_the_reference_and_counts_its_forward():
+    sft_like = est.estimate(preference_config("full", "orpo"), gpus=8, gpu_memory_gb=80)
+    dpo = est.estimate(preference_config("full", "dpo", "model"), gpus=8, gpu_memory_gb=80)
+    pre = est.estimate(preference_config("full", "dpo", "precomputed"), gpus=8, gpu_memory_gb=80)
+    sft = est.estimate(run_config("full"), gpus=8, gpu_memory_gb=80)  # the same 50,000 rows as single sequences
+    assert dpo["tokens"] == sft_like["tokens"] == 2 * sft["tokens"]  # pairs: chosen + rejected sequences
+    ratio = (dpo["flops"] - sft_like["flops"]) / sft_like["flops"]
+    assert ratio == pytest.approx(2 / 8, rel=0.02)  # a 2N forward per token beside 6N + 2N (checkpointing); ~attention
+    assert pre["flops"] == pytest.approx(dpo["flops"])  # one epoch: the precompute pass is the same tokens once
+    assert pre["per_device"]["reference"] == 0 and dpo["per_device"]["reference"] > 0
+    assert sft_like["assumptions"]["reference"] is None and "reference" not in sft_like["bytes"]
+    text = est.format_estimate(dpo)
+    assert "  reference " in text and "frozen copy" in text and "x2 sequences" in text
+    assert "precomputed" in est.format_estimate(pre)
+    json.dumps(dpo)
+
+
+def test_precomputed_reference_is_one_pass_over_the_data_whatever_the_epochs():
+    one = est.estimate(preference_config("lora", "dpo", "precomputed"), gpus=1, gpu_memory_gb=80)
+    three = est.estimate(preference_config("lora", "dpo", "precomputed", **{"training": {
+        "per_device_train_batch_size": 1, "gradient_checkpointing": True, "num_train_epochs": 3}}),
+        gpus=1, gpu_memory_gb=80)
+    orpo3 = est.estimate(preference_config("lora", "orpo", **{"training": {
+        "per_device_train_batch_size": 1, "gradient_checkpointing": True, "num_train_epochs": 3}}),
+        gpus=1, gpu_memory_gb=80)
+    orpo1 = est.estimate(preference_config("lora", "orpo"), gpus=1, gpu_memory_gb=80)
+    assert three["flops"] - orpo3["flops"] == pytest.approx(one["flops"] - orpo1["flops"])
+
+
+def test_choose_zero_sees_the_reference():
+    from tunekit.estimate.stage import choose_zero
+
+    orpo = choose_zero(preference_config("full", "orpo"), 2, 80)
+    dpo = choose_zero(preference_config("full", "dpo", "model"), 2, 80)
+    assert (orpo["stage"], dpo["stage"]) == (2, 3)  # the whole reference copy on each rank does not fit at ZeRO-2
+    assert choose_zero(preference_config("full", "dpo", "precomputed"), 2, 80)["stage"] == 2

@@ -53,3 +53,29 @@ def test_compare_gives_both_runs_the_same_flops(tmp_path, tiny_base, demo_data):
     # Same tokens per step, so equal FLOPs means the step counts differ at most by rounding (r=64 costs more per step).
     assert abs(flops[1] / flops[0] - 1) < 0.35
     assert "Equal-compute comparison" in (out / "compare.md").read_text()
+
+
+def test_a_preference_step_costs_two_sequences_and_dpo_adds_the_reference_forward(tiny_base):
+    """--budget flops and the Slurm grace count a pair as two sequences, and DPO's live reference as one more
+    forward over them: orpo = 2 x sft; dpo with a precomputed reference = orpo; dpo with a live one = that + forward."""
+    from tunekit.compare import flops_per_step
+    from tunekit.config import parse
+    from tunekit.estimate import config_shape
+    from tunekit.estimate.cost import training_flops
+
+    def config(objective: str, fmt: str, **section):
+        raw = {"method": "lora", "output_dir": "unused", "objective": objective, "model": {"name_or_path": str(tiny_base)},
+               "data": {"sources": [{"path": "unused.jsonl", "format": fmt}], "max_seq_len": 64}}
+        if section:
+            raw[objective] = section
+        return parse(raw)
+
+    sft = flops_per_step(config("sft", "alpaca"))
+    orpo = flops_per_step(config("orpo", "preference"))
+    precomputed = flops_per_step(config("dpo", "preference", reference="precomputed"))
+    live = config("dpo", "preference")
+    assert orpo == pytest.approx(2 * sft) and precomputed == pytest.approx(orpo)
+    tokens = 8 * 2 * 64  # default micro-batch 8, two sequences of max_seq_len
+    forward = training_flops(config_shape(live), method="lora", tokens=0, seq_len=64, gradient_checkpointing=False,
+                             reference_tokens=tokens)
+    assert forward > 0 and flops_per_step(live) == pytest.approx(orpo + forward)

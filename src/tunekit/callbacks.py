@@ -3,9 +3,9 @@ checkpoints.py (retention, markers, disk check), resume.py (record and verify), 
 distributed.py (agreement).
 
 Logging: every value tunekit measures goes through `Trainer.log`, so it reaches the trackers (wandb, tensorboard),
-the console and `state.log_history` (the run report, checkpoint markers) alike. `TunekitTrainer.log` adds the peak
-memory to every entry; callbacks that measure at an evaluation (forgetting.py, spectrum.py) are handed the trainer's
-`log` by `train.build_trainer`.
+the console and `state.log_history` (the run report, checkpoint markers) alike. `PeakMemoryLog.log` (in front of
+each objective's TRL trainer) adds the peak memory to every entry; callbacks that measure at an evaluation
+(forgetting.py, spectrum.py) are handed the trainer's `log` by `train.build_trainer`.
 """
 
 from __future__ import annotations
@@ -51,20 +51,26 @@ def peak_memory_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB, macOS bytes
 
 
-class TunekitTrainer(SFTTrainer):
-    """TRL's SFTTrainer with `peak_memory_bytes` in every logged entry (the report plots it; trackers chart it).
+class PeakMemoryLog:
+    """`peak_memory_bytes` in every logged entry (the report plots it; trackers chart it). Put in front of the TRL
+    trainer class of each objective (TunekitTrainer here; the DPO and ORPO trainers in preference.py), so this one
+    `log` runs first and then the TRL trainer's own.
 
-    Why a subclass and not a callback: `Trainer.log` appends the entry to state.log_history, then calls each
+    Why in `log` and not a callback: `Trainer.log` appends the entry to state.log_history, then calls each
     callback's on_log in registration order, the trackers first (they are registered before any user callback). A
     value added in our on_log reaches the history but never a tracker; `log` is the one place a value reaches both.
-    Nor can a callback log memory as an entry of its own during training: SFTTrainer.log folds its averaged token
-    accuracy and entropy into whichever entry is logged next in train mode, so that entry would take them from the
-    loss entry.
+    Nor can a callback log memory as an entry of its own during training: SFTTrainer.log (DPO's and ORPO's alike)
+    folds its averaged metrics (token accuracy, entropy, rewards) into whichever entry is logged next, so that entry
+    would take them from the loss entry.
     """
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         logs["peak_memory_bytes"] = peak_memory_bytes()  # in place, as the parents do: evaluate() returns this dict
         super().log(logs, start_time)
+
+
+class TunekitTrainer(PeakMemoryLog, SFTTrainer):
+    """TRL's SFTTrainer with `peak_memory_bytes` in every logged entry (PeakMemoryLog)."""
 
 
 # ---------------------------------------------------------------- the callbacks

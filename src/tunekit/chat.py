@@ -309,7 +309,8 @@ def _content_cores(message: dict) -> list[str]:
 
 def _require_template(tokenizer) -> None:
     if tokenizer.chat_template is None:
-        raise UserError("format 'chat' needs a tokenizer with a chat template (model.name_or_path has none)")
+        raise UserError("chat messages (format 'chat', or 'preference' pairs written as messages) need a tokenizer "
+                        "with a chat template (model.name_or_path has none)")
 
 
 def _refused(tokenizer, messages: list[dict], exc: Exception) -> UserError:

@@ -61,7 +61,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     started = time.time()
     prepared = prepare_data(config, load_tokenizer(config))
-    print(data_table(prepared.stats))
+    print(data_table(prepared.stats, preference=config.preference))
     print(f"prepared in {time.time() - started:.1f} s; training with this config reuses the cache")
     return 0
 
@@ -125,13 +125,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_build_tiny(args: argparse.Namespace) -> int:
-    from tunekit.tiny import build_tiny_base, write_demo_task
+    from tunekit.tiny import build_tiny_base, write_demo_task, write_preference_task
 
     base = build_tiny_base(args.out, preset=args.preset, force=args.force)
     print(f"tiny base: {base}")
     if args.demo_data:
         paths = write_demo_task(args.demo_data)
         print("demo data: " + ", ".join(f"{name}={path}" for name, path in paths.items()))
+        paths = write_preference_task(args.demo_data)
+        print("preference data: " + ", ".join(f"{name}={path}" for name, path in paths.items()))
     return 0
 
 
@@ -263,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-tiny", help="build the tiny local base model (and demo data) used by demo and tests")
     p.add_argument("--out", default="artifacts/tiny-base")
     p.add_argument("--preset", choices=["demo", "test"], default="demo")
-    p.add_argument("--demo-data", default=None, metavar="DIR", help="also write the demo task's train/eval files here")
+    p.add_argument("--demo-data", default=None, metavar="DIR",
+                   help="also write the demo task's and the preference task's train/eval files here")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     return parser
 

@@ -53,9 +53,13 @@ def compare(config_a: str, config_b: str, budget: str = "flops", amount: float |
 
 
 def flops_per_step(cfg: config_mod.RunConfig) -> float:
-    """Training FLOPs of one optimizer step at full sequence length (the estimate's formula)."""
+    """Training FLOPs of one optimizer step at full sequence length (the estimate's formula; a preference pair is two
+    sequences)."""
+    from tunekit.estimate.cost import sequences_per_example
+
     t = cfg.training
-    return _flops(cfg, t.per_device_train_batch_size * t.gradient_accumulation_steps * cfg.data.max_seq_len)
+    rows = t.per_device_train_batch_size * t.gradient_accumulation_steps * sequences_per_example(cfg)
+    return _flops(cfg, rows * cfg.data.max_seq_len)
 
 
 def spent_flops(cfg: config_mod.RunConfig, summary: dict) -> float:
@@ -64,11 +68,10 @@ def spent_flops(cfg: config_mod.RunConfig, summary: dict) -> float:
 
 
 def _flops(cfg: config_mod.RunConfig, tokens: float) -> float:
-    from tunekit.estimate import config_shape, training_flops
+    from tunekit.estimate import config_shape
+    from tunekit.estimate.cost import step_flops
 
-    shape = config_shape(cfg)
-    return training_flops(shape, method=cfg.method, tokens=tokens, seq_len=cfg.data.max_seq_len,
-                          gradient_checkpointing=cfg.training.gradient_checkpointing)
+    return step_flops(cfg, config_shape(cfg), tokens)  # DPO: + the reference model's forward over the same tokens
 
 
 def plan_steps(configs: list, budget: str, amount: float | None) -> tuple[list[int], float | None]:

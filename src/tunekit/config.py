@@ -23,9 +23,20 @@ from tunekit.errors import UserError
 
 SCHEMA_VERSION = 2  # 2: each method has only its own sections (1 wrote lora/qlora into every config.yaml)
 METHODS = ("full", "lora", "qlora")
-# The seeds' learning-rate guidance: full FT 1e-5..5e-5 (higher risks forgetting), LoRA 1e-4..3e-4 (the adapter
-# starts at zero and must move fast).
-DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+OBJECTIVES = ("sft", "dpo", "orpo")
+PREFERENCE_OBJECTIVES = ("dpo", "orpo")  # they train on preference pairs (data format `preference`)
+# (objective, method) -> the default peak LR.
+# sft: the seeds' guidance: full FT 1e-5..5e-5 (higher risks forgetting), LoRA 1e-4..3e-4 (the adapter starts at zero
+# and must move fast).
+# dpo: far lower, because the loss pushes log-prob ratios without bound: 5e-7 full (Zephyr-7B-beta, HF alignment
+# handbook recipes/zephyr-7b-beta/dpo/config_full.yaml), 5e-6 LoRA/QLoRA (the handbook's config_qlora.yaml).
+# orpo: one stage that also carries the SFT loss: 8e-6 (ORPO paper, Mistral-ORPO; the handbook's ORPO recipes use
+# 5e-6..8e-6), 10x that for adapters, which start at zero.
+DEFAULT_LR = {
+    ("sft", "full"): 2e-5, ("sft", "lora"): 2e-4, ("sft", "qlora"): 2e-4,
+    ("dpo", "full"): 5e-7, ("dpo", "lora"): 5e-6, ("dpo", "qlora"): 5e-6,
+    ("orpo", "full"): 8e-6, ("orpo", "lora"): 8e-5, ("orpo", "qlora"): 8e-5,
+}
 # lora.target_modules default, with peft's meaning: every nn.Linear and Conv1D (GPT-2) except the output head, and
 # (tunekit's addition) MoE experts stored as fused 3-D parameters. Names differ across families (Llama q_proj,
 # GPT-NeoX query_key_value, Phi-3 qkv_proj, GPT-2 c_attn), so a list of names fits only some of them.
@@ -65,9 +76,10 @@ class ModelConfig(Section):
 
 class SourceConfig(Section):
     path: str = Field(description="A local .json/.jsonl/.parquet/.csv file, or a hub dataset name.")
-    format: Literal["alpaca", "chat", "prompt_completion", "text"] = Field(
+    format: Literal["alpaca", "chat", "prompt_completion", "text", "preference"] = Field(
         description="alpaca: instruction/input/output; chat: messages rendered with the chat template; "
-        "prompt_completion: prompt/completion; text: raw text (loss on every token)."
+        "prompt_completion: prompt/completion; text: raw text (loss on every token); preference: prompt/chosen/"
+        "rejected pairs, as strings or chat messages (objective dpo or orpo)."
     )
     weight: float = Field(1.0, gt=0, description="Relative share of this source in the mixed training set (by examples).")
     split: str = Field("train", description="Split to read when `path` is a hub dataset.")
@@ -145,6 +157,37 @@ class QloraConfig(Section):
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base.")
     double_quant: bool = Field(True, description="Quantize the quantization constants too (~0.4 bits/param saved).")
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Dtype the 4-bit weights are dequantized to for matmuls.")
+
+
+class DpoConfig(Section):
+    """objective: dpo (TRL's DPOTrainer): the policy learns to raise the chosen answer's log-probability ratio over a
+    frozen reference above the rejected one's."""
+
+    beta: float = Field(0.1, gt=0, description="KL strength: higher keeps the policy closer to the reference "
+                        "(DPO paper and TRL: 0.1; IPO's tau for loss_type ipo).")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down"] = Field(
+        "sigmoid", description="sigmoid: the DPO paper's loss; ipo: bounded (less overfitting on noisy pairs); "
+        "hinge: SLiC; robust: label-noise robust (set label_smoothing); apo_zero/apo_down: anchored (APO).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="robust (and cDPO): assumed share of flipped labels.")
+    reference: Literal["model", "precomputed"] = Field("model", description=(
+        "model: the reference scores each batch beside the policy (full: a second, frozen copy, ZeRO-3-sharded like "
+        "the policy; LoRA/QLoRA: the base with the adapter disabled, no copy). precomputed: its log-probs are "
+        "computed once over the data before training, so no reference runs during it (full: the copy is freed)."))
+
+    @model_validator(mode="after")
+    def _smoothing_has_a_loss(self) -> DpoConfig:
+        if self.label_smoothing > 0 and self.loss_type not in ("sigmoid", "robust"):
+            raise ValueError(f"dpo.label_smoothing: only loss_type sigmoid (cDPO) or robust use it "
+                             f"(loss_type is {self.loss_type})")
+        return self
+
+
+class OrpoConfig(Section):
+    """objective: orpo (TRL's ORPOTrainer): SFT on the chosen answer plus an odds-ratio penalty on the rejected one,
+    in one stage and without a reference model."""
+
+    beta: float = Field(0.1, gt=0, description="lambda: weight of the odds-ratio term beside the NLL on the chosen "
+                        "answer (ORPO paper: 0.1).")
 
 
 class DeepSpeedConfig(Section):
@@ -346,6 +389,11 @@ class RunConfig(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     preflight: PreflightConfig = Field(default_factory=PreflightConfig)
     deepspeed: DeepSpeedConfig | None = Field(None, description="DeepSpeed ZeRO (multi-GPU adapters). Optional for lora/qlora.")
+    objective: Literal["sft", "dpo", "orpo"] = Field("sft", description=(
+        "sft: supervised (loss on the answers); dpo / orpo: preference tuning on prompt/chosen/rejected pairs "
+        "(data format preference), settings in the section of the same name."))
+    dpo: DpoConfig | None = Field(None, description="objective dpo's settings (only that objective accepts them).")
+    orpo: OrpoConfig | None = Field(None, description="objective orpo's settings (only that objective accepts them).")
     # dotted key path -> where it was written ("FILE:LINE" or "--set KEY=VALUE"), filled by `load`: checks that can
     # only run later (they need the model) still name the line, as `where` gives it.
     _origins: Origins = PrivateAttr(default_factory=lambda: Origins())
@@ -362,6 +410,33 @@ class RunConfig(Section):
         if self.data.streaming and self.training.max_steps < 1:
             raise ValueError("data.streaming: a stream has no length to count epochs in; set training.max_steps")
         return self
+
+    @model_validator(mode="after")
+    def _objective_has_its_data(self) -> RunConfig:
+        for name in PREFERENCE_OBJECTIVES:
+            if getattr(self, name) is not None and self.objective != name:
+                raise ValueError(f"{name}: only objective {name} uses this section (objective is {self.objective}); "
+                                 f"remove it or set objective: {name}")
+        if self.objective in PREFERENCE_OBJECTIVES and getattr(self, self.objective) is None:
+            setattr(self, self.objective, DpoConfig() if self.objective == "dpo" else OrpoConfig())  # what ran
+        preference = self.objective in PREFERENCE_OBJECTIVES
+        for index, source in enumerate(self.data.sources):
+            if (source.format == "preference") != preference:
+                needs = (f"objective {self.objective} trains on pairs: format must be preference" if preference else
+                         f"preference pairs need objective dpo or orpo (objective is {self.objective})")
+                raise ValueError(f"data.sources.{index}.format: {needs}")
+        if preference and self.data.packing:
+            raise ValueError(f"data.packing: objective {self.objective} scores each chosen/rejected sequence whole; "
+                             "packing is for objective sft")
+        if preference and self.data.streaming:
+            raise ValueError(f"data.streaming: objective {self.objective} reads its pairs into the cache (not "
+                             "streamed) in this version; set data.streaming: false")
+        return self
+
+    @property
+    def preference(self) -> bool:
+        """True for the objectives that train on preference pairs (dpo, orpo)."""
+        return self.objective in PREFERENCE_OBJECTIVES
 
     @model_validator(mode="after")
     def _zero_stage_fits_method(self) -> RunConfig:
@@ -381,7 +456,9 @@ class RunConfig(Section):
 
     @property
     def learning_rate(self) -> float:
-        return self.training.learning_rate if self.training.learning_rate is not None else DEFAULT_LR[self.method]
+        if self.training.learning_rate is not None:
+            return self.training.learning_rate
+        return DEFAULT_LR[(self.objective, self.method)]
 
 
 class FullRunConfig(RunConfig):
@@ -661,17 +738,27 @@ def trap_warnings(config: RunConfig) -> list[str]:
         messages.append(
             f"lora.alpha == lora.r ({config.lora.r}): scale 1.0 trains slowly; the usual choice is alpha = 2*r"
         )
-    if uses_lora and config.training.learning_rate is not None and config.training.learning_rate < 5e-5:
+    if config.objective == "sft" and uses_lora and config.training.learning_rate is not None \
+            and config.training.learning_rate < 5e-5:
         messages.append(
             f"training.learning_rate {config.training.learning_rate:g} is in the full fine-tuning range; "
             "LoRA adapters start at zero and usually need 1e-4..3e-4"
         )
-    if config.method == "full" and config.training.learning_rate is not None and config.training.learning_rate > 1e-4:
+    if config.objective == "sft" and config.method == "full" and config.training.learning_rate is not None \
+            and config.training.learning_rate > 1e-4:
         messages.append(
             f"training.learning_rate {config.training.learning_rate:g} is high for full fine-tuning "
             "(seeds: 1e-5..5e-5); it risks catastrophic forgetting"
         )
-    if config.method == "full" and len(config.data.sources) == 1 and config.data.sources[0].format != "text":
+    if config.objective == "dpo" and config.training.learning_rate is not None \
+            and config.training.learning_rate > 10 * DEFAULT_LR[("dpo", config.method)]:
+        messages.append(
+            f"training.learning_rate {config.training.learning_rate:g} is high for DPO (default "
+            f"{DEFAULT_LR[('dpo', config.method)]:g} for {config.method}): the loss has no floor, and a high rate "
+            "drives the chosen and rejected log-probabilities down together"
+        )
+    if config.objective == "sft" and config.method == "full" and len(config.data.sources) == 1 \
+            and config.data.sources[0].format != "text":
         messages.append(
             "full fine-tuning on one narrow source: mix 5-10% general text (a second data.sources entry) "
             "to limit catastrophic forgetting"

@@ -1,12 +1,15 @@
 """One example at a time: read and check rows, format them into loss-marked pieces, tokenize a batch of them.
 
 Every example becomes a list of (text, carries_loss) pieces, tokenized piece by piece, so that the loss mask is exact
-and the same for all four formats:
+and the same for all four SFT formats:
   alpaca             "### Instruction: ... ### Response:\n" (no loss) + output + eos (loss)
   prompt_completion  prompt (no loss) + completion + eos (loss)
   text               text + eos (loss everywhere)
   chat               the tokenizer's chat template; each assistant turn with its end-of-turn token carries loss
                      (tunekit.chat finds the turns)
+A preference pair (format preference, objectives dpo/orpo) becomes three lists of pieces, prompt / chosen / rejected,
+cut at the same places: string rows as prompt_completion (prompt, answer + eos), chat rows as chat (the answer is
+the text the SFT chat mask marks for that assistant turn, through its end-of-turn token).
 tunekit.prepare runs these over whole datasets (Arrow, worker processes, cache); nothing here holds a dataset.
 """
 
@@ -29,6 +32,7 @@ REQUIRED_FIELDS = {
     "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),
 }
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -43,7 +47,9 @@ STRING_FIELDS = {  # format -> fields that must be strings when present (require
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
     "chat": (),
+    "preference": (),  # strings or chat messages: _check_pair
 }
+PAIR_ROLES = ("system", "user", "assistant")  # a preference prompt's roles (no tool results: it ends with a user turn)
 
 
 def read_rows(path: str, fmt: str, split: str = "train", max_examples: int | None = None) -> list[dict]:
@@ -244,12 +250,16 @@ def check_row(row: Any, fmt: str) -> str | None:
         if row.get(name) is None:
             guess = next((other for other, names in REQUIRED_FIELDS.items() if all(n in row for n in names)), None)
             hint = f" (this row looks like format '{guess}')" if guess and guess != fmt else ""
+            if fmt == "preference" and name == "prompt" and not hint and "chosen" in row and "rejected" in row:
+                hint = " (a pair whose prompt is inside chosen/rejected, TRL's implicit prompt, needs it split out)"
             return f"{name}: missing field for format '{fmt}'{hint}"
     for name in STRING_FIELDS[fmt]:
         if row.get(name) is not None and not isinstance(row[name], str):  # alpaca's `input` may be absent or null
             return f"{name}: expected a string, got {_json_type(row[name])}"
     if fmt == "chat":
         return _check_messages(row["messages"])
+    if fmt == "preference":
+        return _check_pair(row)
     return None
 
 
@@ -257,28 +267,91 @@ def _check_messages(messages: Any) -> str | None:
     if not isinstance(messages, list):
         return f"messages: expected a list of {{role, content}} objects, got {_json_type(messages)}"
     for index, message in enumerate(messages):
-        key = f"messages[{index}]"
-        if not isinstance(message, dict):
-            return f"{key}: expected a {{role, content}} object, got {_json_type(message)}"
-        if "from" in message and "value" in message and "role" not in message:
-            return f"{key}: 'from'/'value' is the ShareGPT layout; chat messages need 'role' and 'content'"
-        # An assistant message that calls tools may have no text (OpenAI's layout: content null, tool_calls set).
-        calls_tools = message.get("role") == "assistant" and bool(message.get("tool_calls"))
-        for name in ("role", "content"):
-            if name not in message and not (name == "content" and calls_tools):
-                return f"{key}.{name}: missing"
-        role = message["role"]
-        if role not in CHAT_ROLES:  # a typo'd role would be rendered as plain text by many templates, or crash them
-            near = ROLE_ALIASES.get(str(role).lower()) or next(iter(difflib.get_close_matches(str(role), CHAT_ROLES, 1)), None)
-            hint = f" (did you mean '{near}'?)" if near else ""
-            return f"{key}.role: unknown role {json.dumps(role, default=str)}{hint}; expected one of {', '.join(CHAT_ROLES)}"
-        if not isinstance(message.get("content"), str) and not (calls_tools and message.get("content") is None):
-            return f"{key}.content: expected a string, got {_json_type(message.get('content'))}"
-        if "tool_calls" in message and not isinstance(message["tool_calls"], list):
-            return f"{key}.tool_calls: expected a list of calls, got {_json_type(message['tool_calls'])}"
+        if (problem := _check_message(message, f"messages[{index}]")) is not None:
+            return problem
     if not any(message["role"] == "assistant" for message in messages):
         return "chat example has no assistant message to learn from"
     return None
+
+
+def _check_message(message: Any, key: str) -> str | None:
+    """The first problem of one chat message, named `key` (e.g. "messages[2]", "chosen[0]")."""
+    if not isinstance(message, dict):
+        return f"{key}: expected a {{role, content}} object, got {_json_type(message)}"
+    if "from" in message and "value" in message and "role" not in message:
+        return f"{key}: 'from'/'value' is the ShareGPT layout; chat messages need 'role' and 'content'"
+    # An assistant message that calls tools may have no text (OpenAI's layout: content null, tool_calls set).
+    calls_tools = message.get("role") == "assistant" and bool(message.get("tool_calls"))
+    for name in ("role", "content"):
+        if name not in message and not (name == "content" and calls_tools):
+            return f"{key}.{name}: missing"
+    role = message["role"]
+    if role not in CHAT_ROLES:  # a typo'd role would be rendered as plain text by many templates, or crash them
+        near = ROLE_ALIASES.get(str(role).lower()) or next(iter(difflib.get_close_matches(str(role), CHAT_ROLES, 1)), None)
+        hint = f" (did you mean '{near}'?)" if near else ""
+        return f"{key}.role: unknown role {json.dumps(role, default=str)}{hint}; expected one of {', '.join(CHAT_ROLES)}"
+    if not isinstance(message.get("content"), str) and not (calls_tools and message.get("content") is None):
+        return f"{key}.content: expected a string, got {_json_type(message.get('content'))}"
+    if "tool_calls" in message and not isinstance(message["tool_calls"], list):
+        return f"{key}.tool_calls: expected a list of calls, got {_json_type(message['tool_calls'])}"
+    return None
+
+
+def _check_pair(row: dict) -> str | None:
+    """A preference pair: prompt, chosen and rejected all strings, or all chat messages (the prompt: system/user/
+    assistant turns ending with a user turn; each answer: assistant messages), and two different answers."""
+    kinds = {}
+    for name in REQUIRED_FIELDS["preference"]:
+        value = row[name]
+        if not isinstance(value, (str, list)):
+            return f"{name}: expected a string or a list of chat messages, got {_json_type(value)}"
+        kinds[name] = "a string" if isinstance(value, str) else "chat messages"
+    for name in ("chosen", "rejected"):
+        if kinds[name] != kinds["prompt"]:  # a template would render one part and not the other: no single rule
+            return (f"{name}: {kinds[name]}, but prompt is {kinds['prompt']}: prompt, chosen and rejected must be "
+                    "all strings or all chat messages")
+    if kinds["prompt"] == "chat messages":
+        problem = _check_pair_prompt(row["prompt"]) or _check_answer(row["chosen"], "chosen") \
+            or _check_answer(row["rejected"], "rejected")
+        if problem is not None:
+            return problem
+    if _answer_identity(row["chosen"]) == _answer_identity(row["rejected"]):
+        return "rejected: chosen and rejected are identical: the pair teaches nothing"
+    return None
+
+
+def _check_pair_prompt(messages: list) -> str | None:
+    if not messages:
+        return "prompt: empty list of messages: a chat prompt needs at least a user turn"
+    for index, message in enumerate(messages):
+        if (problem := _check_message(message, f"prompt[{index}]")) is not None:
+            return problem
+        if message["role"] not in PAIR_ROLES:
+            return (f"prompt[{index}].role: {json.dumps(message['role'])} is not used in a preference prompt; "
+                    f"expected one of {', '.join(PAIR_ROLES)}")
+    if messages[-1]["role"] != "user":  # the answers are the assistant's reply to it
+        return (f"prompt[{len(messages) - 1}].role: a chat prompt ends with a user turn, "
+                f"got {json.dumps(messages[-1]['role'])}")
+    return None
+
+
+def _check_answer(messages: list, name: str) -> str | None:
+    if not messages:
+        return f"{name}: empty list of messages: an answer needs at least one assistant message"
+    for index, message in enumerate(messages):
+        if (problem := _check_message(message, f"{name}[{index}]")) is not None:
+            return problem
+        if message["role"] != "assistant":
+            return f"{name}[{index}].role: expected \"assistant\" (an answer), got {json.dumps(message['role'])}"
+    return None
+
+
+def _answer_identity(answer: str | list) -> Any:
+    """What a template renders of an answer: its text, or each message's role, content and tool calls (other keys,
+    e.g. a per-message weight, do not make two answers different)."""
+    if isinstance(answer, str):
+        return answer
+    return [(m.get("role"), m.get("content"), json.dumps(m.get("tool_calls"), sort_keys=True)) for m in answer]
 
 
 def _json_type(value: Any) -> str:
@@ -299,7 +372,46 @@ def segments(row: dict, fmt: str, tokenizer) -> list[tuple[str, bool]]:
         return [(str(row["prompt"]), False), (str(row["completion"]) + eos, True)]
     if fmt == "text":
         return [(str(row["text"]) + eos, True)]
+    if fmt == "preference":  # prompt + chosen, as SFT would train on it (the merge check runs it)
+        prompt, chosen, _ = pair_pieces(row, tokenizer)
+        return [(piece, False) for piece in prompt] + [(piece, True) for piece in chosen]
     return chat_segments(row["messages"], tokenizer)
+
+
+def pair_pieces(row: dict, tokenizer) -> tuple[list[str], list[str], list[str]]:
+    """A preference pair as (prompt pieces, chosen pieces, rejected pieces): texts tokenized one by one (encode_pairs),
+    at the same boundaries as the SFT formats, so the answer tokens are exactly the SFT loss tokens.
+
+    String rows: ([prompt], [chosen + eos], [rejected + eos]), the prompt as written (prompt_completion's rule).
+    Chat rows: prompt + answer rendered once through the chat template (tunekit.chat.chat_segments); the prompt is
+    the text before the answer's first assistant turn (history turns are cut where SFT cuts them, unscored here), the
+    answer runs from there through the end-of-turn token of its last turn; template filler after it (e.g. "\n") is
+    not part of either. The answer starts where SFT's loss starts, after the generation cue, never inside a token.
+    Raises UserError when the template renders the prompt differently before chosen and before rejected, or the
+    answer's assistant turns cannot be found.
+    """
+    if isinstance(row["prompt"], str):
+        eos = tokenizer.eos_token or ""
+        return [row["prompt"]], [row["chosen"] + eos], [row["rejected"] + eos]
+    prompt, chosen = _split_answer(row["prompt"], row["chosen"], tokenizer)
+    prompt_before_rejected, rejected = _split_answer(row["prompt"], row["rejected"], tokenizer)
+    if prompt_before_rejected != prompt:  # one prompt_ids column serves both answers
+        raise UserError(f"prompt: the chat template of {tokenizer.name_or_path} renders the prompt differently before "
+                        "chosen and before rejected; write the pair as strings (rendered by you)")
+    return prompt, chosen, rejected
+
+
+def _split_answer(prompt: list[dict], answer: list[dict], tokenizer) -> tuple[list[str], list[str]]:
+    """(prompt pieces, answer pieces) of the conversation prompt + answer; see pair_pieces."""
+    pieces = chat_segments(prompt + answer, tokenizer)
+    turns = [index for index, (_, carries_loss) in enumerate(pieces) if carries_loss]  # one loss piece per turn
+    history = sum(message["role"] == "assistant" for message in prompt)
+    if len(turns) != history + len(answer):  # a template that merges or skips turns: no honest boundary
+        raise UserError(f"cannot find the answer's assistant turns in the text the chat template of "
+                        f"{tokenizer.name_or_path} renders ({len(turns)} turns found, {history + len(answer)} "
+                        "expected); write the pair as strings")
+    first, last = turns[history], turns[-1]
+    return [text for text, _ in pieces[:first]], [text for text, _ in pieces[first:last + 1]]
 
 
 def alpaca_prompt(row: dict) -> str:
@@ -317,6 +429,10 @@ def eval_pair(row: dict, fmt: str, tokenizer) -> tuple[str, str] | None:
         last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
         prompt = render(tokenizer, row["messages"][:last], add_generation_prompt=True)
         return prompt, str(row["messages"][last]["content"])
+    if fmt == "preference":  # the chosen answer's first turn: generation stops at its end-of-turn token
+        if isinstance(row["prompt"], str):
+            return row["prompt"], row["chosen"]
+        return render(tokenizer, row["prompt"], add_generation_prompt=True), str(row["chosen"][0].get("content") or "")
     return None
 
 
@@ -357,6 +473,39 @@ def encode(examples: list[list[tuple[str, bool]]], tokenizer, max_seq_len: int, 
         columns["tokens_cut"].append(cut)
         columns["loss_tokens"].append(loss_tokens)
         columns["prompt_tokens"].append(len(labels) - loss_tokens - prepend_bos)
+    return columns
+
+
+def encode_pairs(pairs: list[tuple[list[str], list[str], list[str]]], tokenizer, max_seq_len: int) -> dict:
+    """Token columns for a batch of preference pairs given as pair_pieces, one tokenizer call for the batch.
+
+    prompt_ids get a bos first when the tokenizer has one and the prompt does not start with it (encode's rule).
+    Truncation keeps the start: each answer is cut so that prompt + answer fits max_seq_len; a pair whose prompt
+    leaves no room keeps no answer token (loss_tokens 0: prepare drops it and counts it). Columns: prompt_ids,
+    chosen_ids, rejected_ids, tokens (of both sequences, prompt + chosen and prompt + rejected), tokens_cut (from the
+    two), loss_tokens (scored: chosen + rejected), prompt_tokens (the prompt without that bos).
+    """
+    texts = [piece for pair in pairs for part in pair for piece in part]
+    piece_ids = iter(token_ids(texts, tokenizer))
+    bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+    columns: dict[str, list] = {name: [] for name in ("prompt_ids", "chosen_ids", "rejected_ids", "tokens",
+                                                      "tokens_cut", "loss_tokens", "prompt_tokens")}
+    for prompt, chosen, rejected in pairs:
+        prompt_ids, chosen_ids, rejected_ids = ([token for _ in part for token in next(piece_ids)]
+                                                for part in (prompt, chosen, rejected))
+        prepend_bos = bool(bos) and not (prompt and prompt[0].startswith(bos))
+        prompt_ids = ([bos_id] if prepend_bos else []) + prompt_ids
+        full = 2 * len(prompt_ids) + len(chosen_ids) + len(rejected_ids)
+        room = max(0, max_seq_len - len(prompt_ids))
+        prompt_ids, chosen_ids, rejected_ids = prompt_ids[:max_seq_len], chosen_ids[:room], rejected_ids[:room]
+        tokens = 2 * len(prompt_ids) + len(chosen_ids) + len(rejected_ids)
+        columns["prompt_ids"].append(prompt_ids)
+        columns["chosen_ids"].append(chosen_ids)
+        columns["rejected_ids"].append(rejected_ids)
+        columns["tokens"].append(tokens)
+        columns["tokens_cut"].append(full - tokens)
+        columns["loss_tokens"].append(len(chosen_ids) + len(rejected_ids))
+        columns["prompt_tokens"].append(len(prompt_ids) - prepend_bos)
     return columns
 
 

@@ -27,12 +27,23 @@ SUMMARY_LABELS = {  # summary.json key -> label, in the card's order; other scal
     "eval_loss": "eval loss",
     "task_metric_before": "task metric before",
     "task_metric_after": "task metric after",
+    "preference_pairs_scored": "held-out preference pairs scored",
+    "preference_accuracy_before": "preference accuracy before (chosen more likely than rejected)",
+    "preference_accuracy_after": "preference accuracy after",
+    "reward_margin_after": "reward margin after (implicit reward vs the base)",
+    "reward_accuracy_after": "reward accuracy after (chosen gained more than rejected)",
     "trainable_params": "trainable parameters",
     "total_params": "total parameters",
     "tokens_seen": "tokens seen",
     "wall_seconds": "wall time (s)",
 }
-SUMMARY_SKIP = {"method", "final_dir", "data", "task_metric_name"}
+SUMMARY_SKIP = {"method", "objective", "final_dir", "data", "task_metric_name"}  # method, objective: in the settings
+# What trained the model, after the method: config.objective -> text.
+OBJECTIVE_TEXT = {
+    "sft": "supervised fine-tuning (SFT)",
+    "dpo": "Direct Preference Optimization (DPO) on chosen/rejected pairs",
+    "orpo": "Odds Ratio Preference Optimization (ORPO) on chosen/rejected pairs",
+}
 CARD_VERSIONS = ("tunekit", "torch", "transformers", "peft", "trl", "deepspeed", "bitsandbytes")  # in the card
 # The Hub's model-card layout: the metadata block, then the markdown body.
 TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}"
@@ -45,7 +56,7 @@ def model_card(run: Run, check: dict[str, Any] | None = None):
 
     config = run.config
     data = ModelCardData(base_model=config.model.name_or_path, library_name="transformers",
-                         pipeline_tag="text-generation", tags=["tunekit", config.method, "sft"])
+                         pipeline_tag="text-generation", tags=["tunekit", config.method, config.objective])
     return ModelCard.from_template(data, template_str=TEMPLATE, body=card_body(run, check))
 
 
@@ -55,8 +66,8 @@ def card_body(run: Run, check: dict[str, Any] | None) -> str:
     lines = [
         f"# {run.dir.resolve().name}",
         "",
-        f"A fine-tune of `{base}` by {METHOD_TEXT[config.method]}, made with tunekit. A standalone model: it loads "
-        "with `transformers` alone (no peft, no bitsandbytes).",
+        f"A fine-tune of `{base}` by {METHOD_TEXT[config.method]}, made with tunekit. Objective: "
+        f"{objective_text(config)}. A standalone model: it loads with `transformers` alone (no peft, no bitsandbytes).",
         "",
         "## Base model",
         "",
@@ -86,6 +97,16 @@ def card_body(run: Run, check: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
+def objective_text(config) -> str:
+    """What trained the model, with the objective's strength: "Direct Preference Optimization (...), beta 0.1"."""
+    text = OBJECTIVE_TEXT[config.objective]
+    if config.objective == "dpo":
+        return f"{text}, beta {config.dpo.beta:g} ({config.dpo.loss_type} loss)"
+    if config.objective == "orpo":
+        return f"{text}, beta (lambda) {config.orpo.beta:g}"
+    return text
+
+
 def hyperparameters(run: Run) -> dict[str, Any]:
     """The settings that define the run, flat and in reading order ("auto" shown with what it stood for)."""
     c, resolved = run.config, run.resolved
@@ -93,6 +114,7 @@ def hyperparameters(run: Run) -> dict[str, Any]:
     world = resolved.world_size if resolved is not None else (run.summary.get("world_size") or 1)
     values: dict[str, Any] = {
         "method": c.method,
+        "objective": c.objective,
         "learning_rate": c.learning_rate,
         "lr_scheduler_type": t.lr_scheduler_type,
         "warmup_ratio": t.warmup_ratio,
@@ -108,6 +130,12 @@ def hyperparameters(run: Run) -> dict[str, Any]:
         "precision": f"auto ({resolved.precision})" if t.precision == "auto" and resolved is not None else t.precision,
         "seed": t.seed,
     }
+    if c.objective == "dpo":
+        values.update({"dpo beta": c.dpo.beta, "dpo loss_type": c.dpo.loss_type, "dpo reference": c.dpo.reference})
+        if c.dpo.label_smoothing:
+            values["dpo label_smoothing"] = c.dpo.label_smoothing
+    elif c.objective == "orpo":
+        values["orpo beta (lambda)"] = c.orpo.beta
     if isinstance(c, LoraRunConfig):
         values.update({"lora r": c.lora.r, "lora alpha": c.lora.lora_alpha, "lora dropout": c.lora.dropout,
                        "lora target_modules": c.lora.describe_targets()})

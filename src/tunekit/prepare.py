@@ -1,6 +1,7 @@
 """Training data at scale: each source read once into Arrow, tokenized by `datasets.map` in worker processes, cached
 as a memory-mapped dataset, prepared by one process while the others wait; then split, mixed and shuffled through
-index mappings, so no process ever holds the dataset as Python objects.
+index mappings, so no process ever holds the dataset as Python objects. SFT formats give input_ids/labels; preference
+pairs (objectives dpo/orpo) give prompt_ids/chosen_ids/rejected_ids, every answer token scored, no prompt token.
 
 Cache entry = one source, tokenized: <cache>/<key>/{raw.arrow, tokens*.arrow, meta.json}. The key covers all that
 changes tokens — the source's bytes, format, max_examples, tokenizer (vocabulary, normalizer, special tokens, chat
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tunekit.config import RunConfig, looks_local
-from tunekit.data import IGNORE_INDEX, checked_rows, eval_pair, iter_rows, render_with_mask, segments
+from tunekit.data import IGNORE_INDEX, checked_rows, eval_pair, iter_rows, pair_pieces, render_with_mask, segments
 from tunekit.errors import UserError
 
 TOKENIZATION_VERSION = 3  # bump when tokens or masks change, so stale caches are not reused
@@ -30,7 +31,12 @@ RAW_COLUMNS = {  # format -> the columns kept from each row (all strings; chat m
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
     "chat": ("messages",),
+    "preference": ("prompt", "chosen", "rejected"),
 }
+JSON_COLUMNS = {"chat": ("messages",), "preference": ("prompt", "chosen", "rejected")}  # raw columns kept as JSON text
+SFT_COLUMNS = ["input_ids", "labels"]  # what the trainer gets: labels -100 where no loss
+PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]  # every answer token scored, no prompt token
+COUNT_COLUMNS = ("tokens", "tokens_cut", "loss_tokens", "prompt_tokens")  # int32 per example, for stats and audits
 ROWS_PER_WORKER = 2_000  # below this a worker process costs more to start than it saves
 STREAM_SHUFFLE_BUFFER = 10_000  # examples held by a streamed source's shuffle buffer
 
@@ -39,9 +45,10 @@ STREAM_SHUFFLE_BUFFER = 10_000  # examples held by a streamed source's shuffle b
 class PreparedData:
     """What the trainer needs: tokenized splits, the task metric's held-out prompts, and per-source statistics."""
 
-    train: Any  # datasets.Dataset (or IterableDataset when streaming) with input_ids, labels
+    train: Any  # datasets.Dataset (or IterableDataset when streaming): SFT_COLUMNS, or PAIR_COLUMNS for pairs
     eval: Any | None
-    eval_pairs: list[tuple[str, str]] = field(default_factory=list)  # (prompt text, expected completion)
+    # (prompt text as generation starts from it, expected completion; for pairs the chosen answer)
+    eval_pairs: list[tuple[str, str]] = field(default_factory=list)
     stats: dict[str, dict] = field(default_factory=dict)  # source path -> counts and token share
 
 
@@ -50,7 +57,7 @@ class Source:
     """One cached source: its raw rows and token columns (memory-mapped), and who tokenized it."""
 
     raw: Any  # datasets.Dataset of RAW_COLUMNS[format]
-    tokens: Any  # datasets.Dataset: input_ids, labels, tokens_cut, loss_tokens, prompt_tokens
+    tokens: Any  # datasets.Dataset: train_columns(format) and COUNT_COLUMNS
     meta: dict
 
 
@@ -84,7 +91,8 @@ def prepare_data(config: RunConfig, tokenizer, log=print) -> PreparedData:
     for s in stats.values():
         s["token_share"] = s["tokens"] / total_tokens
 
-    train = select_rows([source.tokens for source in sources], kept, rng)
+    columns = train_columns(data.sources[0].format)  # the config allows no mix of pairs and SFT rows
+    train = select_rows([source.tokens for source in sources], kept, rng, columns)
     held = (sources[0], held_rows) if held_rows is not None else None
     evaluation, pairs = eval_split(config, tokenizer, log, held)
     return PreparedData(train=train, eval=evaluation, eval_pairs=pairs, stats=stats)
@@ -103,9 +111,10 @@ def eval_split(config: RunConfig, tokenizer, log, held: tuple[Source, Any] | Non
         source, rows = held
     else:
         return None, []
+    fmt = data.sources[0].format
     loss = token_columns(source.tokens)["loss_tokens"][rows]
-    evaluation = select_rows([source.tokens], [rows[loss > 0]], None) if (loss > 0).any() else None
-    return evaluation, task_pairs(source.raw, rows, data.sources[0].format, tokenizer, config.eval.task_samples)
+    evaluation = select_rows([source.tokens], [rows[loss > 0]], None, train_columns(fmt)) if (loss > 0).any() else None
+    return evaluation, task_pairs(source.raw, rows, fmt, tokenizer, config.eval.task_samples)
 
 
 def hold_out(size: int, fraction: float, rng, path: str):
@@ -127,9 +136,14 @@ def mix_counts(sizes: list[int], weights: list[float]) -> list[int]:
     return [min(size, max(1, round(total * share))) for size, share in zip(sizes, shares)]
 
 
-def select_rows(datasets_: list, rows: list, rng):
+def train_columns(fmt: str) -> list[str]:
+    """The token columns a source of format `fmt` gives the trainer: PAIR_COLUMNS for pairs, else SFT_COLUMNS."""
+    return PAIR_COLUMNS if fmt == "preference" else SFT_COLUMNS
+
+
+def select_rows(datasets_: list, rows: list, rng, columns: list[str]):
     """One training set from several tokenized sources: the chosen rows, in a seeded random order (rng None: file
-    order), as an index mapping over the memory-mapped files (no copy), with only the trainer's columns."""
+    order), as an index mapping over the memory-mapped files (no copy), with only the trainer's `columns`."""
     import datasets
     import numpy as np
 
@@ -138,14 +152,13 @@ def select_rows(datasets_: list, rows: list, rng):
     if rng is not None:
         chosen = rng.permutation(chosen)
     joined = datasets_[0] if len(datasets_) == 1 else datasets.concatenate_datasets(datasets_)
-    return joined.select(chosen, keep_in_memory=True).select_columns(["input_ids", "labels"])
+    return joined.select(chosen, keep_in_memory=True).select_columns(columns)
 
 
 def token_columns(tokens) -> dict:
     """The per-example count columns as numpy arrays (4 bytes per example each; the token lists stay on disk)."""
     table = tokens.data  # the memory-mapped Arrow table (no index mapping: load_source makes none)
-    return {name: table.column(name).to_numpy()  # int32; numpy sums them in int64
-            for name in ("tokens", "tokens_cut", "loss_tokens", "prompt_tokens")}
+    return {name: table.column(name).to_numpy() for name in COUNT_COLUMNS}  # int32; numpy sums them in int64
 
 
 def source_stats(columns: dict, rows) -> dict:
@@ -172,11 +185,15 @@ def audit_masks(key: str, path: str, fmt: str, columns: dict, rows, config: RunC
                  if (columns["tokens_cut"][rows] > 0).all() else
                  "the loss mask is empty (check `tunekit inspect-data`: the chat template's assistant turns were not found)")
         raise UserError(f"{key}: {path}: no example has a token that carries loss: {cause}")
-    if config.data.completion_only_loss and fmt != "text" and len(rows) and not (prompt[loss > 0] > 0).any():
+    prompts_masked = fmt not in ("text", "preference")  # text has no prompt; a pair's prompt is never scored
+    if config.data.completion_only_loss and prompts_masked and len(rows) and not (prompt[loss > 0] > 0).any():
         raise UserError(f"{key}: {path}: every token carries loss although data.completion_only_loss is on: the "
                         f"prompt is never masked (format {fmt}; check `tunekit inspect-data`)")
     dropped = int((loss == 0).sum())
-    if dropped:
+    if dropped and fmt == "preference":
+        print(f"warning: {path}: {dropped} of {len(rows)} pairs have a prompt that fills data.max_seq_len="
+              f"{config.data.max_seq_len}, leaving no answer token; they are dropped (see the data table)")
+    elif dropped:
         print(f"warning: {path}: {dropped} of {len(rows)} examples lost every loss token to truncation at "
               f"data.max_seq_len={config.data.max_seq_len}; they are dropped (see the data table)")
 
@@ -192,8 +209,10 @@ def task_pairs(raw, rows, fmt: str, tokenizer, limit: int) -> list[tuple[str, st
 
 
 def as_row(stored: dict, fmt: str) -> dict:
-    """A raw Arrow row back in the shape tunekit.data's formatters take (chat messages parsed)."""
-    return {**stored, "messages": json.loads(stored["messages"])} if fmt == "chat" else stored
+    """A raw Arrow row back in the shape tunekit.data's formatters take (chat messages, preference parts parsed)."""
+    if fmt in JSON_COLUMNS:
+        return {**stored, **{name: json.loads(stored[name]) for name in JSON_COLUMNS[fmt]}}
+    return stored
 
 
 # ---------------------------------------------------------------- one source, cached
@@ -300,7 +319,7 @@ def _tokenize_raw(raw_file: Path, staging: Path, fmt: str, path: str, split: str
     return raw.map(
         encode_rows, batched=True, batch_size=1000, num_proc=workers if workers > 1 else None,
         remove_columns=raw.column_names, cache_file_name=str(staging / "tokens.arrow"),
-        new_fingerprint=staging.name, features=token_features(), desc=f"tokenizing {Path(path).name}",
+        new_fingerprint=staging.name, features=token_features(fmt), desc=f"tokenizing {Path(path).name}",
         fn_kwargs={"fmt": fmt, "tokenizer": tokenizer, "max_seq_len": config.data.max_seq_len,
                    "completion_only": config.data.completion_only_loss, "path": path, "split": split},
     )
@@ -310,16 +329,18 @@ def encode_rows(batch: dict, fmt: str, tokenizer, max_seq_len: int, completion_o
                 split: str) -> dict:
     """datasets.map function: a batch of raw columns -> token columns. A row the chat template refuses names its
     line: the position is turned back into FILE:LINE by re-reading the source up to it (only on that error)."""
-    from tunekit.data import encode
+    from tunekit.data import encode, encode_pairs
 
     names = RAW_COLUMNS[fmt]
     pieces = []
     for index in range(len(batch["position"])):
         row = as_row({name: batch[name][index] for name in names}, fmt)
         try:
-            pieces.append(segments(row, fmt, tokenizer))
+            pieces.append(pair_pieces(row, tokenizer) if fmt == "preference" else segments(row, fmt, tokenizer))
         except UserError as exc:
             raise UserError(f"{where_of(path, split, batch['position'][index])}: {exc}") from None
+    if fmt == "preference":
+        return encode_pairs(pieces, tokenizer, max_seq_len)  # completion_only does not apply: prompts never score
     columns = encode(pieces, tokenizer, max_seq_len, completion_only)
     columns["tokens"] = [len(ids) for ids in columns["input_ids"]]
     return columns
@@ -333,12 +354,12 @@ def where_of(path: str, split: str, position: int) -> str:
     return f"{path} example {position + 1}"
 
 
-def token_features():
+def token_features(fmt: str):
     from datasets import Features, List, Value
 
     ids = List(Value("int32"))  # vocabularies fit in int32: half the disk and page cache of int64
-    counts = {name: Value("int32") for name in ("tokens", "tokens_cut", "loss_tokens", "prompt_tokens")}
-    return Features({"input_ids": ids, "labels": ids, **counts})
+    counts = {name: Value("int32") for name in COUNT_COLUMNS}
+    return Features({**{name: ids for name in train_columns(fmt)}, **counts})
 
 
 def worker_count(num_proc: int | None, rows: int) -> int:
@@ -448,20 +469,22 @@ def _raw_records(path: str, fmt: str, split: str, max_examples: int | None):
 
 
 def raw_record(row: dict, fmt: str) -> dict:
-    """A checked row as its RAW_COLUMNS[fmt] strings (chat messages as JSON text: any message keys survive)."""
+    """A checked row as its RAW_COLUMNS[fmt] strings (chat messages and preference parts, a string or messages, as
+    JSON text: any message keys survive, and a part keeps its kind)."""
     record = {name: row.get(name) for name in RAW_COLUMNS[fmt]}
-    if fmt == "chat":
-        record["messages"] = json.dumps(record["messages"], ensure_ascii=False)
+    for name in JSON_COLUMNS.get(fmt, ()):
+        record[name] = json.dumps(record[name], ensure_ascii=False)
     return record
 
 
 # ---------------------------------------------------------------- the report
 
 
-def data_table(stats: dict[str, dict]) -> str:
-    """The per-source table `tunekit prepare` and `inspect-data` print."""
-    lines = [f"{'source':<40} {'examples':>9} {'tokens':>11} {'loss tok':>11} {'share':>6} {'truncated':>9} "
-             f"{'dropped':>7}"]
+def data_table(stats: dict[str, dict], preference: bool = False) -> str:
+    """The per-source table `tunekit prepare` and `inspect-data` print. For preference pairs (`preference`) a row
+    counts pairs, the tokens of both sequences (prompt + chosen, prompt + rejected) and the scored answer tokens."""
+    unit, scored = ("pairs", "scored tok") if preference else ("examples", "loss tok")
+    lines = [f"{'source':<40} {unit:>9} {'tokens':>11} {scored:>11} {'share':>6} {'truncated':>9} {'dropped':>7}"]
     for path, s in stats.items():
         if s.get("streaming"):
             lines.append(f"{path[-40:]:<40} streamed (weight {s['weight']:g}): counted only as training reads it")
@@ -481,6 +504,8 @@ def inspect_data(config: RunConfig, num_samples: int = 3) -> str:
 
     tokenizer = load_tokenizer(config)
     prepared = prepare_data(config, tokenizer)
+    if config.preference:
+        return inspect_pairs(prepared, tokenizer, config.model.name_or_path, num_samples)
     end = end_of_turn_token(tokenizer) if any(s.format == "chat" for s in config.data.sources) else None
     end = end or tokenizer.eos_token
     end_id = tokenizer.convert_tokens_to_ids(end) if end else None
@@ -496,4 +521,34 @@ def inspect_data(config: RunConfig, num_samples: int = 3) -> str:
     lines += ["", data_table(prepared.stats)]
     eval_size = len(prepared.eval) if prepared.eval is not None else 0
     lines.append(f"eval: {eval_size} examples, {len(prepared.eval_pairs)} prompts for the task metric")
+    return "\n".join(lines)
+
+
+def inspect_pairs(prepared: PreparedData, tokenizer, model_name: str, num_samples: int) -> str:
+    """inspect-data for preference pairs: the prompt as the model sees it, then each answer with its scored tokens
+    marked «like this» (every answer token is scored, no prompt token), token counts, the end-token check."""
+    from itertools import islice
+
+    from tunekit.chat import end_of_turn_token
+
+    end_of_turn = end_of_turn_token(tokenizer) if tokenizer.chat_template is not None else None
+    ends = {token for token in (tokenizer.eos_token, end_of_turn) if token}  # string rows end with eos
+    end_ids = {tokenizer.convert_tokens_to_ids(token) for token in ends}
+    lines = [f"tokenizer: {model_name}  (eos={tokenizer.eos_token!r}, bos={tokenizer.bos_token!r}, "
+             f"end of turn={end_of_turn!r})", ""]
+    samples = list(islice(iter(prepared.train), 200))
+    for number, pair in enumerate(samples[:num_samples]):
+        prompt, chosen, rejected = pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]
+        lines += [f"--- pair {number + 1} (prompt {len(prompt)} tokens, chosen {len(chosen)}, rejected "
+                  f"{len(rejected)}; «...» = scored)",
+                  "prompt:", render_with_mask(prompt, [IGNORE_INDEX] * len(prompt), tokenizer),
+                  "chosen:", render_with_mask(chosen, chosen, tokenizer),
+                  "rejected:", render_with_mask(rejected, rejected, tokenizer), ""]
+    ended = sum(1 for pair in samples if end_ids & set(pair["chosen_ids"]) and end_ids & set(pair["rejected_ids"]))
+    names = " or ".join(repr(token) for token in sorted(ends))
+    lines.append(f"end token {names} is scored in both answers of {ended}/{len(samples)} sampled pairs"
+                 + ("" if ended else "  <-- WARNING: the model will not learn to stop"))
+    lines += ["", data_table(prepared.stats, preference=True)]
+    eval_size = len(prepared.eval) if prepared.eval is not None else 0
+    lines.append(f"eval: {eval_size} pairs, {len(prepared.eval_pairs)} prompts for the task metric")
     return "\n".join(lines)

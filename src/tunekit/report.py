@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 MEMORY_KEYS = ("memory_bytes", "peak_memory_bytes")
-PLOT_NAMES = ("loss.png", "lr.png", "memory.png", "spectrum.png")
+PLOT_NAMES = ("loss.png", "lr.png", "memory.png", "preference.png", "spectrum.png")
 CHECKPOINT_KEYS = ("kept_checkpoints", "best_checkpoint")
 ADVICE = {"collapsed": "consider a lower r", "flat": "consider a higher r", "ok": "-"}
 
@@ -80,26 +80,35 @@ def _loss(value: float | None) -> str:
 def _plot_lines(path: Path, title: str, ylabel: str, series: dict[str, list[tuple[int, float]]],
                 hlines: dict[str, float] | None = None, logy: bool = False) -> Path | None:
     """One figure of step-indexed lines (skipping empty series); None when there is nothing to draw."""
-    series = {label: points for label, points in series.items() if points}
-    if not series:
+    return _plot_panels(path, [(title, ylabel, series, hlines, logy)])
+
+
+def _plot_panels(path: Path, panels: list[tuple]) -> Path | None:
+    """Side-by-side panels of step-indexed lines, each (title, ylabel, series, hlines, logy) as `_plot_lines` takes
+    them; empty series and panels are skipped. None when there is nothing to draw."""
+    panels = [(title, ylabel, {label: points for label, points in series.items() if points}, hlines, logy)
+              for title, ylabel, series, hlines, logy in panels]
+    panels = [panel for panel in panels if panel[2]]
+    if not panels:
         return None
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a training node
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, points in series.items():
-        steps, values = zip(*points)
-        # A lone point (one eval) would be invisible as a line: mark every point of sparse series.
-        ax.plot(steps, values, label=label, marker="o" if len(points) <= 20 else None, markersize=3)
-    for label, value in (hlines or {}).items():
-        ax.axhline(value, linestyle="--", color="gray", label=label)
-    if logy:
-        ax.set_yscale("log")
-    ax.set(title=title, xlabel="step", ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
+    for ax, (title, ylabel, series, hlines, logy) in zip(axes[0], panels):
+        for label, points in series.items():
+            steps, values = zip(*points)
+            # A lone point (one eval) would be invisible as a line: mark every point of sparse series.
+            ax.plot(steps, values, label=label, marker="o" if len(points) <= 20 else None, markersize=3)
+        for label, value in (hlines or {}).items():
+            ax.axhline(value, linestyle="--", color="gray", label=label)
+        if logy:
+            ax.set_yscale("log")
+        ax.set(title=title, xlabel="step", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -169,6 +178,16 @@ def write_plots(output_dir: Path, log_history: Sequence[dict], spectra_history: 
             {key: [(step, value / 1e9) for step, value in metric_curve(log_history, key)] for key in MEMORY_KEYS},
         ),
     ]
+    # Preference runs (TRL's DPO/ORPO log rewards/* in training, eval_rewards/* at each evaluation): the implicit
+    # reward margin chosen - rejected, and the share of pairs where it is positive.
+    plots.append(_plot_panels(output_dir / "preference.png", [
+        ("Reward margin (chosen - rejected)", "margin", {
+            "train": metric_curve(log_history, "rewards/margins"),
+            "eval": metric_curve(log_history, "eval_rewards/margins")}, {"zero": 0.0}, False),
+        ("Reward accuracy", "share of pairs", {
+            "train": metric_curve(log_history, "rewards/accuracies"),
+            "eval": metric_curve(log_history, "eval_rewards/accuracies")}, None, False),
+    ]))
     if last_spectra:
         plots.append(_plot_spectrum(output_dir / "spectrum.png", last_spectra, spectra_history))
     written = [path for path in plots if path is not None]
@@ -243,6 +262,30 @@ def _forgetting_section(forgetting: dict | None) -> list[str]:
     return lines
 
 
+def _preference_section(summary: dict) -> list[str]:
+    """Held-out preference accuracy before/after and the reward margin (objective dpo/orpo: summary keys from
+    preference.summary_fields); nothing for other runs."""
+    if "preference_accuracy_before" not in summary:
+        return []
+
+    def share(key: str) -> str:
+        value = summary.get(key)
+        return "-" if value is None else f"{value:.1%}"
+
+    margin = summary.get("reward_margin_after")
+    lines = [
+        "## Preference", "",
+        f"Held-out pairs scored: {summary.get('preference_pairs_scored', 0)}. Accuracy: the share of pairs whose chosen "
+        "answer has the higher log-probability; reward: the log-probability gain over the base model (the "
+        "reference), times beta for DPO (1 for ORPO, in nats).", "",
+        "| | before | after |", "| --- | --- | --- |",
+        f"| preference accuracy | {share('preference_accuracy_before')} | {share('preference_accuracy_after')} |",
+        f"| reward margin (chosen - rejected) | - | {'-' if margin is None else f'{margin:.4f}'} |",
+        f"| reward accuracy | - | {share('reward_accuracy_after')} |", "",
+    ]
+    return lines
+
+
 def _checkpoints_section(summary: dict) -> list[str]:
     kept, best = summary.get("kept_checkpoints"), summary.get("best_checkpoint")
     if not kept and not best:
@@ -278,6 +321,7 @@ def write_report(output_dir: str | Path, summary: dict, log_history: Sequence[di
         lines += ["## Plots", ""] + [f"![{path.stem}]({path.name})" for path in plots] + [""]
     else:
         lines += ["## Plots", "", "Nothing was logged to plot.", ""]
+    lines += _preference_section(summary)
     lines += _spectrum_section(spectra_history, last_spectra)
     lines += _forgetting_section(forgetting)
     lines += _checkpoints_section(summary)

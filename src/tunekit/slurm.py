@@ -122,7 +122,7 @@ def plan_job(config, config_path: str, overrides: tuple[str, ...] | list[str], *
     from tunekit.checkpoints import human_bytes
     from tunekit.estimate import config_shape
     from tunekit.estimate.checkpoint import run_checkpoint
-    from tunekit.estimate.cost import training_flops, training_hours
+    from tunekit.estimate.cost import sequences_per_example, step_flops, training_hours
 
     if nodes < 1:
         raise UserError(f"--nodes {nodes}: must be at least 1")
@@ -162,9 +162,8 @@ def plan_job(config, config_path: str, overrides: tuple[str, ...] | list[str], *
     save = checkpoint["bytes"]
     step_s = 0.0
     if device == "cuda":  # GPU time from FLOPs (estimate/cost.py's A100 rule); no such model for CPU nodes
-        step_tokens = t.per_device_train_batch_size * t.gradient_accumulation_steps * world * config.data.max_seq_len
-        flops = training_flops(shape, method=config.method, tokens=step_tokens, seq_len=config.data.max_seq_len,
-                               gradient_checkpointing=t.gradient_checkpointing)
+        rows = t.per_device_train_batch_size * t.gradient_accumulation_steps * world * sequences_per_example(config)
+        flops = step_flops(config, shape, rows * config.data.max_seq_len)  # DPO: + the reference's forward
         step_s = training_hours(flops, method=config.method, gpus=world) * 3600
     grace = grace_seconds(save, step_s)
     grace_why = (f"checkpoint ~{human_bytes(save)} ({checkpoint['what']}) at an assumed {ASSUMED_WRITE_BYTES_PER_S / 1e6:.0f} "

@@ -8,6 +8,8 @@ it and LoRA has something to teach (held-out exact match 0.00 -> 0.95 after 300 
 
     build_tiny_base(out_dir, preset="demo")  -> out_dir (model + tokenizer + general_eval.jsonl + tunekit_tiny.json)
     write_demo_task(out_dir)                 -> {"train": ..., "eval": ...} (+ chat/prompt_completion/text variants)
+    write_preference_task(out_dir)           -> {"train", "eval", "chat_train", "chat_eval"}: reverse (chosen) vs
+                                                copy (rejected) pairs for DPO / ORPO
 """
 
 from __future__ import annotations
@@ -545,6 +547,49 @@ def write_demo_task(out_dir: str | os.PathLike, n_train: int = 2000, n_eval: int
         "prompt_completion": _write_jsonl(out_dir / "prompt_completion.jsonl", prompt_completion),
         "text": _write_jsonl(out_dir / "text.jsonl", text),
     }
+
+
+def preference_examples(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
+    """Return `n` (digits, chosen, rejected) triples of the preference task with distinct inputs, deterministic in
+    `seed`: chosen = the digits reversed (the demo task's answer), rejected = the digits copied, which the base
+    prefers because pretraining taught it "Repeat the digits." and never reversing. Distinct digits, so the two
+    answers always differ."""
+    rng = random.Random(f"preference-{seed}")  # its own stream: not the demo task's inputs in the same order
+    seen, triples = set(), []
+    while len(triples) < n:
+        digits = _digits(rng)
+        if digits not in seen:
+            seen.add(digits)
+            triples.append((digits, digits[::-1], digits))
+    return triples
+
+
+def write_preference_task(out_dir: str | os.PathLike, n_train: int = 2000, n_eval: int = 64,
+                          seed: int = 0) -> dict[str, Path]:
+    """Write the tiny preference task into `out_dir`; return {"train", "eval", "chat_train", "chat_eval"} paths.
+
+    preference-train.jsonl / preference-eval.jsonl hold string rows {"prompt", "chosen", "rejected"}: the prompt is
+    the rendered Alpaca prompt of "Reverse the digits." (the same text as the demo task's), used as written; the
+    pipeline appends eos to each answer. preference-chat-train.jsonl / preference-chat-eval.jsonl hold the same pairs
+    as messages: prompt = [user turn], chosen / rejected = [assistant turn]. Train and eval inputs are disjoint.
+    """
+    from tunekit.data import alpaca_prompt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Eval first, so the held-out pairs do not depend on n_train.
+    triples = preference_examples(n_eval + n_train, seed)
+    splits = {"eval": triples[:n_eval], "train": triples[n_eval:]}
+    paths = {}
+    for split, rows in splits.items():
+        strings = [{"prompt": alpaca_prompt({"instruction": DEMO_INSTRUCTION, "input": digits}),
+                    "chosen": chosen, "rejected": rejected} for digits, chosen, rejected in rows]
+        chat = [{"prompt": [{"role": "user", "content": f"{DEMO_INSTRUCTION}\n{digits}"}],
+                 "chosen": [{"role": "assistant", "content": chosen}],
+                 "rejected": [{"role": "assistant", "content": rejected}]} for digits, chosen, rejected in rows]
+        paths[split] = _write_jsonl(out_dir / f"preference-{split}.jsonl", strings)
+        paths[f"chat_{split}"] = _write_jsonl(out_dir / f"preference-chat-{split}.jsonl", chat)
+    return {name: paths[name] for name in ("train", "eval", "chat_train", "chat_eval")}
 
 
 # ---------------------------------------------------------------------------------------------------------------

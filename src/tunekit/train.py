@@ -22,6 +22,8 @@ from tunekit.config import RunConfig
 from tunekit.data import read_rows
 from tunekit.distributed import check_shared_output_dir, is_rank_zero
 from tunekit.errors import UserError
+from tunekit.preference import PREFERENCE_KEYS, build_preference_trainer, held_out_logps
+from tunekit.preference import summary_fields as preference_fields
 from tunekit.prepare import prepare_data
 
 # method -> function(config, tokenizer) -> model ready to train. QLoRA is LoRA with a 4-bit base.
@@ -51,6 +53,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: str | None = None,
         rundir.create(as_written, resolve_settings(config, args, model), overwrite, resume)
     check_shared_output_dir(config.output_dir)  # every rank sees rank 0's output_dir, or every rank refuses
     metric_before = task_metric(model, tokenizer, data, config)  # base weights, before any DeepSpeed engine
+    pairs_before = held_out_logps(model, data, config)  # dpo/orpo: the base's (reference's) held-out log-probs
     trainer = build_trainer(config, args, model, tokenizer, data, checkpoint)
     preemption.check_before_training(config.output_dir, args.process_index == 0)  # a stop signal so far: exit 75
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -58,7 +61,9 @@ def train(config: RunConfig, overwrite: bool = False, resume: str | None = None,
     final_dir = save_final(trainer, tokenizer, config)
     eval_loss = trainer.evaluate()["eval_loss"] if data.eval is not None else None
     metric_after = task_metric(model, tokenizer, data, config)
-    summary = summarize(config, trainer, data, preflight, metric_before, metric_after, eval_loss, started, final_dir)
+    pairs = (pairs_before, held_out_logps(model, data, config))
+    summary = summarize(config, trainer, data, preflight, metric_before, metric_after, eval_loss, started, final_dir,
+                        pairs)
     if trainer.is_world_process_zero():
         rundir.write_json(Path(config.output_dir) / "summary.json", summary)
         write_run_report(config, trainer, summary)
@@ -118,13 +123,17 @@ def task_metric(model, tokenizer, data, config: RunConfig) -> float | None:
 
 
 def build_trainer(config: RunConfig, args, model, tokenizer, data, resume_from: str | None = None):
-    """TRL's SFTTrainer (peak memory in every log entry) with tunekit's callbacks after the trackers."""
+    """The objective's TRL trainer (sft: SFTTrainer; dpo / orpo: preference.build_preference_trainer), peak memory
+    in every log entry, with tunekit's callbacks after the trackers."""
     callbacks = build_callbacks(config, tokenizer, resume_from) + insight_callbacks(config, model, tokenizer)
-    trainer = TunekitTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                             processing_class=tokenizer, callbacks=callbacks)
+    if config.preference:
+        trainer = build_preference_trainer(config, args, model, tokenizer, data, callbacks)
+    else:
+        trainer = TunekitTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                                 processing_class=tokenizer, callbacks=callbacks)
     keep_checkpointing_kwargs(trainer)  # TRL switches PEFT + ZeRO-3 to reentrant checkpointing; ours is non-reentrant
     # Callbacks that measure at an evaluation (forgetting, rank spectrum) have a `log` slot: their values go through
-    # Trainer.log, the one way into both log_history and the trackers (see callbacks.TunekitTrainer).
+    # Trainer.log, the one way into both log_history and the trackers (see callbacks.PeakMemoryLog).
     for callback in callbacks:
         if hasattr(callback, "log"):
             callback.log = trainer.log
@@ -192,13 +201,15 @@ def save_final(trainer, tokenizer, config: RunConfig) -> Path:
 
 
 def summarize(config: RunConfig, trainer, data, preflight, metric_before, metric_after, eval_loss, started,
-              final_dir) -> dict:
-    """The run's headline numbers, as written to summary.json."""
+              final_dir, pairs=(None, None)) -> dict:
+    """The run's headline numbers, as written to summary.json. pairs: the held-out pairs' log-probs before and after
+    training (dpo/orpo: preference.held_out_logps)."""
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     runtime = next((e["train_runtime"] for e in reversed(trainer.state.log_history) if "train_runtime" in e), None)
     trainable, total = count_params(trainer.model)
     summary = {
         "method": config.method,
+        "objective": config.objective,
         "steps": trainer.state.global_step,
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
@@ -218,6 +229,7 @@ def summarize(config: RunConfig, trainer, data, preflight, metric_before, metric
     }
     summary.update(deepspeed.summary_fields(config, trainer))
     summary.update(lora.summary_fields(config, trainer))
+    summary.update(preference_fields(config, trainer, *pairs))
     for callback in trainer.callback_handler.callbacks:
         summary.update(getattr(callback, "summary_fields", dict)())
     summary["estimated_peak_bytes_per_device"] = preflight.get("per_device_total")
@@ -243,7 +255,7 @@ def print_summary(summary: dict) -> None:
     def fmt(value):
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
-    keys = ["method", "steps", "train_loss_first", "train_loss_last", "eval_loss", "task_metric_before",
-            "task_metric_after", "trainable_params", "total_params", "tokens_per_second", "peak_memory_bytes",
-            "wall_seconds", "final_dir"]
-    print("\n".join(f"  {key:<22} {fmt(summary.get(key))}" for key in keys))
+    keys = ["method", "objective", "steps", "train_loss_first", "train_loss_last", "eval_loss", "task_metric_before",
+            "task_metric_after", *PREFERENCE_KEYS, "trainable_params", "total_params", "tokens_per_second",
+            "peak_memory_bytes", "wall_seconds", "final_dir"]
+    print("\n".join(f"  {key:<26} {fmt(summary.get(key))}" for key in keys if key in summary))

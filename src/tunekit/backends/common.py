@@ -500,17 +500,71 @@ def _free_port() -> int:
 
 
 def training_arguments(config: RunConfig, deepspeed_config: dict | None = None):
-    """TRL SFTConfig for any method. Must be built BEFORE from_pretrained under ZeRO-3 so weights shard at load."""
-    from trl import SFTConfig
-
+    """The TRL config of this run's objective (SFTConfig, DPOConfig or ORPOConfig) for any method: the Trainer
+    settings every objective shares (`trainer_settings`) plus the objective's own. Must be built BEFORE
+    from_pretrained under ZeRO-3 so weights shard at load (a full DPO run's reference model too)."""
     from tunekit.estimate.checkpoint import MIN_DDP_TIMEOUT_S
 
     timeout = config.training.ddp_timeout or MIN_DDP_TIMEOUT_S  # null: train.with_ddp_timeout sizes it for a run
     use_configured_state = set_up_processes(deepspeed_config, timeout)
+    shared = trainer_settings(config, deepspeed_config, use_configured_state, timeout)
+    if config.objective == "sft":
+        from trl import SFTConfig
+
+        return SFTConfig(
+            **shared,
+            # data: already tokenized, masked and truncated by tunekit.data; TRL only packs.
+            max_length=config.data.max_seq_len,
+            packing=config.data.packing,
+            # tunekit.data already truncated, masked and dropped loss-less examples: TRL's own pass would only redo
+            # it (uncached, on every run). With packing TRL must still run it, to pack.
+            dataset_kwargs={"skip_prepare_dataset": not config.data.packing},
+            packing_strategy="bfd",  # best-fit packing with per-example position_ids: no attention across examples
+            padding_free=config.data.packing,
+            dataset_num_proc=None,
+            completion_only_loss=None,
+        )
+    return preference_arguments(config, shared)
+
+
+def preference_arguments(config: RunConfig, shared: dict[str, Any]):
+    """DPOConfig / ORPOConfig for `config.objective` from the Trainer settings every objective shares
+    (backends.common.trainer_settings) plus the objective's section. No packing; sequences are already truncated to
+    data.max_seq_len (max_length only repeats it)."""
+    if config.objective == "dpo":
+        from trl import DPOConfig
+
+        dpo = config.dpo
+        return DPOConfig(
+            **shared,
+            beta=dpo.beta,
+            loss_type=[dpo.loss_type],
+            label_smoothing=dpo.label_smoothing,
+            precompute_ref_log_probs=dpo.reference == "precomputed",
+            max_length=config.data.max_seq_len,
+            truncation_mode="keep_start",
+            padding_free=False,
+            dataset_num_proc=None,
+        )
+    from trl.experimental.orpo import ORPOConfig
+
+    return ORPOConfig(
+        **shared,
+        beta=config.orpo.beta,
+        max_length=config.data.max_seq_len,
+        remove_unused_columns=False,  # ORPO's collator reads its own columns (else it turns this off with a warning)
+        dataset_num_proc=None,
+    )
+
+
+def trainer_settings(config: RunConfig, deepspeed_config: dict | None, use_configured_state: bool,
+                     timeout: int) -> dict[str, Any]:
+    """transformers.TrainingArguments keywords every objective shares: schedule, batch, precision, logging,
+    evaluation and saving cadence, DeepSpeed and the process group."""
     mode = precision(config)
     t, c = config.training, config.checkpoints
     has_eval = config.data.eval_path is not None or config.data.eval_fraction > 0
-    return SFTConfig(
+    return dict(
         output_dir=config.output_dir,
         learning_rate=config.learning_rate,
         num_train_epochs=t.num_train_epochs,
@@ -540,16 +594,6 @@ def training_arguments(config: RunConfig, deepspeed_config: dict | None = None):
         report_to=[r for r in config.logging.report_to if r != "none"] or "none",
         run_name=config.logging.run_name or os.path.basename(os.path.normpath(config.output_dir)),
         include_num_input_tokens_seen="non_padding",
-        # data: already tokenized, masked and truncated by tunekit.data; TRL only packs.
-        max_length=config.data.max_seq_len,
-        packing=config.data.packing,
-        # tunekit.data already truncated, masked and dropped loss-less examples: TRL's own pass would only redo it
-        # (uncached, on every run). With packing TRL must still run it, to pack.
-        dataset_kwargs={"skip_prepare_dataset": not config.data.packing},
-        packing_strategy="bfd",  # best-fit packing with per-example position_ids: no attention across examples
-        padding_free=config.data.packing,
-        dataset_num_proc=None,
-        completion_only_loss=None,
         deepspeed=deepspeed_config,
         accelerator_config={"use_configured_state": True} if use_configured_state else None,
         disable_tqdm=False,

@@ -17,14 +17,16 @@ QLORA_THROUGHPUT_FACTOR = 0.7
 DEFAULT_USD_PER_GPU_HOUR = PreflightConfig.model_fields["usd_per_gpu_hour"].default
 
 
-def training_flops(shape: dict, *, method: str, tokens: float, seq_len: int, gradient_checkpointing: bool) -> float:
-    """Training FLOPs for `tokens` tokens.
+def training_flops(shape: dict, *, method: str, tokens: float, seq_len: int, gradient_checkpointing: bool,
+                   reference_tokens: float = 0.0) -> float:
+    """Training FLOPs for `tokens` tokens, plus a no-grad forward over `reference_tokens` (DPO's reference model).
 
     A matmul with N weights costs 2N FLOPs per token forward and 4N backward (2N for the input gradient, 2N for the
     weight gradient): full FT = 6N per token. LoRA freezes the base: no weight gradients for it, but the input
     gradients still flow through every layer: 2N + 2N = 4N, plus 6 N_trainable for the adapters. Gradient
     checkpointing repeats the forward: +2N (+2 N_trainable). Attention scores and values add 4*seq*q_dim per token and
-    layer forward, halved for the causal mask, tripled for forward + backward (+1 with checkpointing).
+    layer forward, halved for the causal mask, tripled for forward + backward (+1 with checkpointing). The reference
+    forward costs what a forward costs: 2N per token plus attention's forward share.
     """
     n_matmul, n_trainable = shape["matmul_params"], shape["trainable_params"]
     recompute = 1 if gradient_checkpointing else 0
@@ -34,7 +36,23 @@ def training_flops(shape: dict, *, method: str, tokens: float, seq_len: int, gra
         per_token = 2 * n_matmul * (3 + recompute) + attention
     else:
         per_token = 2 * n_matmul * (2 + recompute) + 2 * n_trainable * (3 + recompute) + attention
-    return per_token * tokens
+    forward_per_token = 2 * n_matmul + attention / (3 + recompute)
+    return per_token * tokens + forward_per_token * reference_tokens
+
+
+def sequences_per_example(config: RunConfig) -> int:
+    """Sequences one training example puts through the model: 2 for a preference pair (chosen and rejected), else 1."""
+    return 2 if config.preference else 1
+
+
+def step_flops(config: RunConfig, shape: dict, tokens: float) -> float:
+    """Training FLOPs for `tokens` tokens the policy trains on (both sequences of a pair counted), plus DPO's
+    reference forward over the same tokens when the reference model runs beside training (precomputed: a one-off
+    pass before training, not part of any step)."""
+    live_reference = config.objective == "dpo" and config.dpo.reference == "model"
+    return training_flops(shape, method=config.method, tokens=tokens, seq_len=config.data.max_seq_len,
+                          gradient_checkpointing=config.training.gradient_checkpointing,
+                          reference_tokens=tokens if live_reference else 0.0)
 
 
 def training_hours(flops: float, *, method: str, gpus: int, peak_tflops: float = PEAK_TFLOPS_A100_BF16,
@@ -73,18 +91,42 @@ def count_examples(config: RunConfig) -> int | None:
 
 def training_tokens(config: RunConfig, gpus: int, examples: int | None = None,
                     avg_tokens_per_example: float | None = None) -> tuple[float | None, str]:
-    """Tokens the run will process, and how they were counted (for the assumptions)."""
+    """Tokens the run will process, and how they were counted (for the assumptions). A preference example is a pair:
+    its chosen and its rejected sequence each run through the model (max_seq_len bounds each)."""
     t = config.training
+    sequences = sequences_per_example(config)
+    pair = " x 2 (chosen + rejected)" if config.preference else ""
     if t.max_steps > 0:
         rows = t.max_steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * gpus
-        tokens = rows * config.data.max_seq_len
-        return tokens, "max_steps x micro-batch x grad accumulation x GPUs x max_seq_len (an upper bound: full rows)"
+        tokens = rows * sequences * config.data.max_seq_len
+        return tokens, ("max_steps x micro-batch x grad accumulation x GPUs" + pair
+                        + " x max_seq_len (an upper bound: full rows)")
     if examples is None:
         examples = count_examples(config)
     if examples is None:
         return None, "unknown: data not local (set training.max_steps or data.sources[].max_examples)"
     per_example = avg_tokens_per_example or config.data.max_seq_len
-    how = f"{examples:,} examples x {t.num_train_epochs:g} epochs x {per_example:g} tokens"
+    how = f"{examples:,} examples x {t.num_train_epochs:g} epochs{pair} x {per_example:g} tokens"
     if avg_tokens_per_example is None:
         how += " (max_seq_len: an upper bound, examples are usually shorter)"
-    return examples * t.num_train_epochs * per_example, how
+    return examples * t.num_train_epochs * sequences * per_example, how
+
+
+def reference_tokens(config: RunConfig, tokens: float, examples: int | None = None,
+                     avg_tokens_per_example: float | None = None) -> tuple[float, str | None]:
+    """Tokens DPO's reference model runs a no-grad forward over, and how (None: no reference, sft and orpo).
+
+    reference model: every training token again (`tokens`, from training_tokens). precomputed: one pass over the
+    training pairs before training (TRL scores the whole train split, whatever max_steps); when the data cannot be
+    counted, `tokens` stands in for it."""
+    if config.objective != "dpo":
+        return 0.0, None
+    if config.dpo.reference == "model":
+        return tokens, "model: a no-grad reference forward beside every training batch"
+    if examples is None:
+        examples = count_examples(config)
+    if examples is None:
+        return tokens, "precomputed: one forward pass over the data before training (size unknown: counted as the run's tokens)"
+    per_example = avg_tokens_per_example or config.data.max_seq_len
+    return examples * 2 * per_example, (f"precomputed: one forward pass over {examples:,} pairs before training, "
+                                        "no reference during it")

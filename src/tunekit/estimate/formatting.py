@@ -55,7 +55,15 @@ def format_estimate(result: dict) -> str:
             "fp32 under autocast (the plain Trainer's own master copy)"
             if result["method"] == "full" and not result["zero"]["deepspeed"] and a["precision"] != "fp32" else ""),
     }
-    for key in ("weights", "gradients", "optimizer", "activations", "overhead", "total"):
+    if a.get("objective", "sft") != "sft":
+        notes["activations"] += ", x2 sequences (chosen + rejected)"
+    if a.get("reference"):
+        notes["reference"] = f"dpo.reference {a['reference']}"
+        if a["reference"].startswith("model"):
+            notes["activations"] += " + the reference's no-grad forward"
+    for key in ("weights", "reference", "gradients", "optimizer", "activations", "overhead", "total"):
+        if key not in result["per_device"]:  # reference: only DPO has one
+            continue
         per_device, job = gb(result["per_device"][key]), gb(result["bytes"][key])
         lines.append(f"  {key:<13}{per_device:>10}{job:>11}  {notes.get(key, '')}")
     if result["cpu_offload_bytes"]:
@@ -74,6 +82,8 @@ def format_estimate(result: dict) -> str:
                      f"GPU(s) = {result['gpu_hours']:.1f} GPU-h -> ${result['cost_usd']:,.2f} "
                      f"at ${a['usd_per_gpu_hour']:g}/GPU-h")
         lines.append(f"  tokens: {a['tokens']}")
+        if a.get("reference_time"):
+            lines.append(f"  reference: {a['reference_time']}")
         lines.append(f"  throughput: {a['throughput']}")
     lines.append("per method, same batch:")
     for method, alt in result["alternatives"].items():

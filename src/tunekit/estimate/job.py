@@ -11,6 +11,7 @@ from tunekit.estimate.cost import (
     DEFAULT_MFU,
     PEAK_TFLOPS_A100_BF16,
     QLORA_THROUGHPUT_FACTOR,
+    reference_tokens,
     training_flops,
     training_hours,
     training_tokens,
@@ -61,9 +62,11 @@ def estimate(config: RunConfig, gpus: int | None = None, gpu_memory_gb: float | 
     tokens, tokens_how = training_tokens(config, gpus, examples, avg_tokens_per_example)
     seq_for_attention = avg_tokens_per_example or config.data.max_seq_len
     flops = hours = gpu_hours = cost = None
+    reference_how = None
     if tokens is not None:
+        ref_tokens, reference_how = reference_tokens(config, tokens, examples, avg_tokens_per_example)
         flops = training_flops(shape, method=config.method, tokens=tokens, seq_len=int(seq_for_attention),
-                               gradient_checkpointing=settings["gradient_checkpointing"])
+                               gradient_checkpointing=settings["gradient_checkpointing"], reference_tokens=ref_tokens)
         if tokens_per_second:
             hours = tokens / tokens_per_second / 3600
         else:
@@ -138,7 +141,12 @@ def estimate(config: RunConfig, gpus: int | None = None, gpu_memory_gb: float | 
                         f"process + {ALLOCATOR_FRAGMENTATION:.0%} fragmentation"
                         + (" + ZeRO-3 gathered module" if settings["zero_stage"] >= 3 and gpus > 1 else ""),
             "tokens": tokens_how,
-            "flops_per_token": "6N full, 4N + 6N_trainable LoRA/QLoRA (+2N with checkpointing) + attention",
+            "objective": config.objective,
+            # DPO's reference (None: sft and orpo have none): what is held (the "reference" bucket), what it costs in time
+            "reference": reference_note(config),
+            "reference_time": reference_how,
+            "flops_per_token": "6N full, 4N + 6N_trainable LoRA/QLoRA (+2N with checkpointing) + attention"
+                               + (" + 2N per reference token" if reference_how else ""),
             "throughput": (f"{tokens_per_second:g} tokens/s (given)" if tokens_per_second else
                            f"{mfu:.0%} MFU of {peak_tflops:g} TFLOP/s per GPU (A100 bf16 dense)"
                            + (f", x{QLORA_THROUGHPUT_FACTOR} for 4-bit dequantization"
@@ -146,3 +154,14 @@ def estimate(config: RunConfig, gpus: int | None = None, gpu_memory_gb: float | 
             "usd_per_gpu_hour": config.preflight.usd_per_gpu_hour,
         },
     }
+
+
+def reference_note(config: RunConfig) -> str | None:
+    """What DPO's reference model holds in memory, for the estimate's reference line (None: sft and orpo have none)."""
+    if config.objective != "dpo":
+        return None
+    if config.dpo.reference == "precomputed":
+        return "precomputed: log-probs scored before training, nothing held"
+    if config.method == "full":
+        return "model: a frozen copy of the weights, no grads or optimizer state (sharded only at ZeRO-3)"
+    return "model: the base with the adapter disabled, no copy (a second no-grad forward)"

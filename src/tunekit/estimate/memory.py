@@ -84,6 +84,18 @@ ZERO3_GATHER_FACTOR = 2
 
 
 
+def reference_forward_bytes(shape: dict, *, tokens: int, act_bytes: int, triton: bool = True) -> float:
+    """Working memory of the DPO reference's forward over `tokens` tokens (chosen + rejected): it runs under no_grad
+    after the policy's forward, so it saves nothing for backward and holds one layer's tensors at a time, like a
+    checkpointed recompute: the residual stream and that layer's activations (counted as a frozen layer saves them,
+    an upper bound), then the fused head's logits tile (TRL scores the reference through the same fused head).
+    Counted on top of the policy's activations: an upper bound, as the policy's backward starts after it ends."""
+    per_layer = activation_bytes({**shape, "num_layers": 1}, micro_batch=1, seq_len=tokens, act_bytes=act_bytes,
+                                 gradient_checkpointing=False, base_trains=False, lora_input_bytes=0,
+                                 eager_attention=False, fused_lm_head=True, triton=triton)
+    return tokens * act_bytes * shape["hidden_size"] + per_layer
+
+
 def activation_bytes(shape: dict, *, micro_batch: int, seq_len: int, act_bytes: int, gradient_checkpointing: bool,
                      base_trains: bool, lora_input_bytes: float, eager_attention: bool, fused_lm_head: bool = True,
                      triton: bool = True, head_input_bytes: int | None = None) -> float:
@@ -178,16 +190,24 @@ def memory_bytes(shape: dict, *, method: str, gpus: int = 1, device: str = "cuda
                  offload_optimizer: bool = False, offload_param: bool = False, micro_batch: int = 1,
                  seq_len: int = 2048, gradient_checkpointing: bool = False, lora_dropout: float = 0.0,
                  double_quant: bool = True, attn_implementation: str | None = "sdpa", deepspeed: bool | None = None,
-                 fused_lm_head: bool = True) -> dict[str, Any]:
+                 fused_lm_head: bool = True, pairs: bool = False, reference: str | None = None) -> dict[str, Any]:
     """Memory of one training run, by bucket: {"per_device": {...}, "job": {...}, "cpu_offload": bytes}.
 
-    Buckets: weights, gradients, optimizer (Adam m/v + fp32 master), activations, overhead, total. "per_device" is
+    Buckets: weights, gradients, optimizer (Adam m/v + fp32 master), activations, overhead, total, and for DPO
+    (`reference` not None) reference. "per_device" is
     one GPU (or process); "job" sums all `gpus` of them (a sharded bucket counts once, a replicated one `gpus` times).
     ZeRO shards the optimizer from stage 1, gradients from stage 2, weights at stage 3; stage 0 is plain data
     parallelism (every GPU holds everything). Offloaded buckets move to "cpu_offload" (host memory).
     deepspeed: whether DeepSpeed runs (None: when zero_stage > 0, and for full). A full run without it (the plain
     Trainer: `deepspeed.stage: auto` on one process) keeps fp32 weights under autocast, which are also the master
     copy. fused_lm_head: TRL's chunked loss (True, what tunekit's SFTTrainer runs) or full logits (lm_head_bytes).
+    pairs: preference objectives (dpo, orpo) run chosen and rejected in one batch: 2 x micro_batch sequences.
+    reference: DPO's reference model, "model" or "precomputed" (None: sft, orpo: there is none). "model": full
+    fine-tuning holds a frozen copy of the weights (DeepSpeed's engine casts it to the compute dtype, the plain
+    Trainer keeps the load dtype; no gradients, no optimizer state; sharded at ZeRO-3 and offloaded with the
+    parameters, whole on every rank otherwise); LoRA/QLoRA's reference is the base with the adapter disabled (no
+    bytes); either way its no-grad forward adds reference_forward_bytes. "precomputed": the log-probs are computed
+    once before training, so no reference is held or run during it (reference bucket 0).
     """
     compute_bytes = PRECISION_BYTES[precision]
     mixed = compute_bytes < BYTES_PER_PARAM_FP32
@@ -218,12 +238,18 @@ def memory_bytes(shape: dict, *, method: str, gpus: int = 1, device: str = "cuda
         gradients = n_trainable * adapter["gradients"]
         optimizer = n_trainable * adapter["optimizer"]
 
-    shard = {"weights": zero_stage >= 3, "gradients": zero_stage >= 2, "optimizer": zero_stage >= 1}
+    shard = {"weights": zero_stage >= 3, "gradients": zero_stage >= 2, "optimizer": zero_stage >= 1,
+             "reference": zero_stage >= 3}  # TRL prepares the reference with the policy's ZeRO-3, else stage 0
     job = {"weights": weights, "gradients": gradients, "optimizer": optimizer}
+    if reference is not None:
+        holds_copy = reference == "model" and method == "full"
+        job["reference"] = n_params * (compute_bytes if deepspeed else BYTES_PER_PARAM_FP32) if holds_copy else 0.0
     per_device = {key: value / gpus if shard[key] else value for key, value in job.items()}
     job = {key: value if shard[key] else value * gpus for key, value in job.items()}
     cpu_offload = 0.0
-    for key, offloaded in (("optimizer", offload_optimizer), ("weights", offload_param and zero_stage >= 3)):
+    offload_weights = offload_param and zero_stage >= 3
+    for key, offloaded in (("optimizer", offload_optimizer), ("weights", offload_weights),
+                           ("reference", offload_weights and reference is not None)):
         if offloaded:
             cpu_offload += job[key]
             per_device[key] = job[key] = 0.0
@@ -235,12 +261,16 @@ def memory_bytes(shape: dict, *, method: str, gpus: int = 1, device: str = "cuda
         adapter_dtype_bytes = adapter["weights"]
         if lora_dropout > 0 or adapter_dtype_bytes != compute_bytes:
             lora_input_bytes = (compute_bytes if mixed else adapter_dtype_bytes) + (1 if lora_dropout > 0 else 0)
+    sequences = micro_batch * (2 if pairs else 1)  # a preference batch is [chosen..., rejected...]
     per_device["activations"] = activation_bytes(
-        shape, micro_batch=micro_batch, seq_len=seq_len, act_bytes=compute_bytes,
+        shape, micro_batch=sequences, seq_len=seq_len, act_bytes=compute_bytes,
         gradient_checkpointing=gradient_checkpointing, base_trains=method == "full",
         lora_input_bytes=lora_input_bytes, eager_attention=attn_implementation == "eager",
         fused_lm_head=fused_lm_head, triton=device == "cuda", head_input_bytes=head_input_bytes,
     )
+    if reference == "model":
+        per_device["activations"] += reference_forward_bytes(shape, tokens=sequences * seq_len,
+                                                             act_bytes=compute_bytes, triton=device == "cuda")
     tensors = sum(per_device.values())
     gather = ZERO3_GATHER_FACTOR * shape["largest_module_params"] * compute_bytes if zero_stage >= 3 and gpus > 1 else 0
     runtime = CUDA_CONTEXT_BYTES if device == "cuda" else CPU_RUNTIME_BYTES

@@ -45,6 +45,8 @@ def memory_settings(config: RunConfig, method: str, device: str, default_attn: s
         "double_quant": qlora.double_quant,
         "attn_implementation": default_attn if config.model.attn_implementation == "auto" else config.model.attn_implementation,
         "deepspeed": zero["deepspeed"],
+        # dpo / orpo: chosen and rejected in one batch; DPO also scores (or precomputed) a frozen reference
+        "pairs": config.preference, "reference": config.dpo.reference if config.objective == "dpo" else None,
     }
 
 
