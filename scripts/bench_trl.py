@@ -43,7 +43,9 @@ def plain_args(config) -> list[str]:
     return [
         "--model", config.model.name_or_path, "--data", config.data.sources[0].path,
         "--r", str(lora.r), "--alpha", str(lora.lora_alpha), "--dropout", str(lora.dropout),
-        "--targets", ",".join(lora.target_modules), "--lr", str(config.learning_rate),
+        # all-linear is peft's own string (a list would be joined letter by letter); tunekit's all-linear adds only
+        # fused MoE experts, which a Llama has none of.
+        "--targets", "all-linear" if lora.all_linear else ",".join(lora.target_modules), "--lr", str(config.learning_rate),
         "--scheduler", t.lr_scheduler_type, "--warmup", str(t.warmup_ratio), "--batch", str(t.per_device_train_batch_size),
         "--steps", str(t.max_steps), "--max-length", str(config.data.max_seq_len), "--seed", str(t.seed),
         "--logging-steps", str(t.logging_steps),

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset_num_proc=args.num_proc,
     )
     peft_config = None if args.method == "full" else LoraConfig(
-        r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=args.targets.split(","),
+        r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=args.targets if args.targets == "all-linear" else args.targets.split(","),
         bias="none", task_type="CAUSAL_LM",
     )
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,

@@ -205,6 +205,7 @@ def test_trackers_receive_every_value_tunekit_logs(tmp_path, tiny_base, demo_dat
         "training": {"max_steps": 4, "per_device_train_batch_size": 4, "logging_steps": 1},
         "checkpoints": {"save_steps": 2},  # evaluation at steps 2 and 4, then the recipe's final evaluate()
         "eval": {"task_metric": "none", "general": str(Path(tiny_base) / "general_eval.jsonl"), "rank_spectrum": True},
+        "logging": {"token_metrics": True},  # SFTTrainer's train-time averages, checked below
     }))
     assert main(["train", str(config)]) == 0
     trainer = built[0]

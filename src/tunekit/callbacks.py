@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
@@ -43,8 +44,6 @@ from tunekit.resume import ResumeVerifier, current_learning_rate, trainable_dtyp
 
 def peak_memory_bytes() -> int:
     """Peak memory of this process: CUDA allocator peak on GPU, else the process's max resident set size."""
-    import torch
-
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -70,7 +69,49 @@ class PeakMemoryLog:
 
 
 class TunekitTrainer(PeakMemoryLog, SFTTrainer):
-    """TRL's SFTTrainer with `peak_memory_bytes` in every logged entry (PeakMemoryLog)."""
+    """TRL's SFTTrainer with `peak_memory_bytes` in every logged entry (PeakMemoryLog) and TRL's per-step token
+    metrics opt-in (`token_metrics`, from logging.token_metrics).
+
+    Off, each step skips what only feeds those metrics: the fused LM head's entropy and top-1 over the vocabulary
+    (per token, every tile) and compute_loss's cross-rank gathers of entropy, accuracy and token count, each ending
+    in a `.item()` host sync. The loss is TRL's plain-path formula, term for term, so what trains is the same
+    (tests/test_performance.py). Any other loss path TRL has (compute_loss_func, label smoothing, a non-nll
+    loss_type, Ulysses sequence parallelism) keeps TRL's own compute_loss and its metrics.
+    """
+
+    def __init__(self, *args, token_metrics: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        self.token_metrics = token_metrics or not (
+            self.compute_loss_func is None and self.label_smoother is None and self.args.loss_type == "nll"
+            and not (parallelism is not None and parallelism.sp_backend == "deepspeed" and parallelism.sp_enabled))
+        if not self.token_metrics:
+            from accelerate.utils import is_peft_model
+            from trl.trainer.utils import add_fused_lm_head
+
+            # SFTTrainer.__init__ patched the head with outputs=(log_probs, entropy, is_top1). Patch it again with
+            # log_probs only: the new forward takes every fused call and hands any other (generation) to TRL's.
+            add_fused_lm_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.token_metrics:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # TRL's plain path (SFTTrainer.compute_loss, trl 1.16) without its metrics.
+        inputs["use_cache"] = False
+        if self.aux_loss_enabled:
+            inputs["output_router_logits"] = True  # MoE: the model then returns outputs.aux_loss
+        outputs = model(**inputs, fused_lm_head=True)
+        num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)  # log_probs: 0 where ignored
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP then averages the gradients
+        if self.aux_loss_enabled:
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+        if return_outputs:  # the logits, for compute_metrics: an extra forward, as TRL does
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        return (loss, outputs) if return_outputs else loss
 
 
 # ---------------------------------------------------------------- the callbacks

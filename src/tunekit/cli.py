@@ -57,11 +57,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     import time
 
     from tunekit.backends.common import load_tokenizer
-    from tunekit.prepare import data_table, prepare_data
+    from tunekit.prepare import data_table, padding_lines, prepare_data
 
     started = time.time()
     prepared = prepare_data(config, load_tokenizer(config))
     print(data_table(prepared.stats, preference=config.preference))
+    for line in padding_lines(prepared, config):
+        print(line)
     print(f"prepared in {time.time() - started:.1f} s; training with this config reuses the cache")
     return 0
 

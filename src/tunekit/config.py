@@ -348,6 +348,9 @@ class LoggingConfig(Section):
     )
     project: str = Field("tunekit", description="Tracker project name.")
     run_name: str | None = Field(None, description="Tracker run name; default: output_dir's name.")
+    token_metrics: bool = Field(False, description=(
+        "Log TRL's per-step token accuracy and entropy over the vocabulary (objective sft). Off: each step skips "
+        "that vocabulary-wide work and its cross-rank gathers; the loss and what trains are the same."))
 
 
 class PreflightConfig(Section):

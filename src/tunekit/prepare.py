@@ -39,6 +39,14 @@ PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]  # every answer toke
 COUNT_COLUMNS = ("tokens", "tokens_cut", "loss_tokens", "prompt_tokens")  # int32 per example, for stats and audits
 ROWS_PER_WORKER = 2_000  # below this a worker process costs more to start than it saves
 STREAM_SHUFFLE_BUFFER = 10_000  # examples held by a streamed source's shuffle buffer
+# Padding share of unpacked SFT batches at or above which `prepare`/`inspect-data` suggest data.packing: true. At 30%
+# about a third of every forward/backward computes on pad tokens, which packing (padding-free batches) removes, and
+# packing's costs (a BFD pass over the data at start, position_ids, the rows' order no longer the examples') are
+# small beside that. Below it the gain rarely repays changing how examples are batched.
+PACKING_SUGGEST_SHARE = 0.30
+# Above this many tokens the packed-row count is the lower bound ceil(tokens / max_seq_len) instead of TRL's own BFD
+# pass (packed_rows), which would hold one byte per token (10M examples x 500 tokens: 5 GB) just to count rows.
+PACK_COUNT_MAX_TOKENS = 50_000_000
 
 
 @dataclass
@@ -477,6 +485,103 @@ def raw_record(row: dict, fmt: str) -> dict:
     return record
 
 
+# ---------------------------------------------------------------- padding
+
+
+def padded_lengths(train):
+    """int64 [len(train)]: the tokens each training example takes in a padded row, in train order: len(input_ids),
+    or for a pair prompt + the longer of chosen/rejected (TRL's preference collator stacks prompt+chosen and
+    prompt+rejected into one batch padded to its longest sequence). Read from the Arrow list offsets through the
+    index mapping: no token list is built."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    table = train.data  # the joined memory-mapped table; train's rows are the index mapping's
+    def lengths(name):
+        return pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False).astype(np.int64)
+    if "prompt_ids" in train.column_names:
+        per_row = lengths("prompt_ids") + np.maximum(lengths("chosen_ids"), lengths("rejected_ids"))
+    else:
+        per_row = lengths("input_ids")
+    indices = train._indices  # datasets' index mapping (select_rows always makes one); None: rows in file order
+    return per_row if indices is None else per_row[indices.column(0).to_numpy()]
+
+
+def expected_max(sorted_lengths, size: int) -> float:
+    """E[max] of a uniformly random `size`-subset of `sorted_lengths` (ascending), exactly: the i-th smallest
+    (1-based) is the max with probability C(i-1, size-1) / C(n, size). Weights built as a running log ratio,
+    C(i, k-1) / C(i-1, k-1) = i / (i-k+1), so a million examples cost a few numpy passes."""
+    import numpy as np
+
+    n = len(sorted_lengths)
+    if size >= n:
+        return float(sorted_lengths[-1])
+    i = np.arange(size, n, dtype=np.float64)  # i = k..n-1 -> the log weight of position i+1
+    log_weight = np.concatenate([[0.0], np.cumsum(np.log(i) - np.log(i - size + 1))])
+    weight = np.exp(log_weight - log_weight[-1])  # the largest weight is the last: no overflow
+    return float((weight * sorted_lengths[size - 1:]).sum() / weight.sum())
+
+
+def expected_slots(lengths, batch_size: int) -> float:
+    """Expected token slots (rows x padded length) of one epoch of batches of `batch_size` drawn as the Trainer
+    draws them: a random permutation cut into consecutive batches, the last one short (drop_last off), each batch
+    right-padded to its longest example. Each batch of a random permutation is a uniform random subset of its size,
+    so by linearity of expectation this is exact: (full batches) x batch_size x E[max] + remainder x E[max]."""
+    import numpy as np
+
+    ordered = np.sort(np.asarray(lengths, dtype=np.int64))
+    full, rest = divmod(len(ordered), batch_size)
+    slots = full * batch_size * expected_max(ordered, batch_size) if full else 0.0
+    return slots + (rest * expected_max(ordered, rest) if rest else 0.0)
+
+
+def packed_rows(lengths, max_seq_len: int) -> int:
+    """Rows TRL's packing (best-fit decreasing, as SFTTrainer runs it over the train set in its order) makes of
+    examples of `lengths`: its own pack_dataset over a column of zeros with these lengths, so the count is TRL's."""
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+    from trl.data_utils import pack_dataset
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]))  # int64: a large list, past 2**31 tokens
+    column = pa.LargeListArray.from_arrays(offsets, pa.array(np.zeros(int(lengths.sum()), dtype=np.int8)))
+    dataset = datasets.Dataset(pa.table({"input_ids": column}))
+    return len(pack_dataset(dataset, max_seq_len, strategy="bfd"))
+
+
+def padding_report(lengths, real_tokens: int, config: RunConfig) -> str:
+    """Lines on the padding training batches carry: share = (slots - real tokens) / slots, slots expected over the
+    Trainer's random order (`expected_slots`, exact). `lengths`: padded_lengths(train); `real_tokens`: the tokens
+    the rows hold (a pair's: prompt + chosen and prompt + rejected). Unpacked SFT suggests data.packing when the
+    share is at least PACKING_SUGGEST_SHARE, with the slots packing saves; packed SFT gives the packed rows' fill;
+    pairs give the share only (packing does not apply to dpo/orpo)."""
+    import numpy as np
+
+    if not len(lengths):
+        return ""
+    batch, max_len = config.training.per_device_train_batch_size, config.data.max_seq_len
+    if config.data.packing:
+        if int(np.sum(lengths)) > PACK_COUNT_MAX_TOKENS:  # TRL's packing pass would hold a byte per token here
+            rows, how = -(-int(np.sum(lengths)) // max_len), "at most "  # ceil: no packing fills rows better
+        else:
+            rows, how = packed_rows(lengths, max_len), ""
+        return (f"packing: {len(lengths):,} examples in {'at least ' if how else ''}{rows:,} rows of {max_len} "
+                f"tokens, {how}{real_tokens / (rows * max_len):.1%} filled (batches are padding-free: no pad token "
+                "is computed)")
+    sequences = 2 if config.preference else 1  # a pair is two sequences padded to the batch's longest
+    slots = sequences * expected_slots(np.asarray(lengths), batch)
+    share = (slots - real_tokens) / slots
+    rows = f"{batch} pairs (2 x {batch} sequences, " if config.preference else f"{batch} examples ("
+    line = (f"padding: {share:.1%} of the token slots in batches of {rows}random order, padded to the batch's "
+            f"longest) are padding: {slots - real_tokens:,.0f} of {slots:,.0f} per epoch (exact expectation)")
+    if config.preference or share < PACKING_SUGGEST_SHARE:
+        return line
+    return (line + f"\nsuggestion: set data.packing: true: padding-free packed batches compute only the "
+            f"{real_tokens:,} real tokens, {slots - real_tokens:,.0f} fewer slots per epoch "
+            f"({share:.0%}; padding is {PACKING_SUGGEST_SHARE:.0%}+ of the work)")
+
+
 # ---------------------------------------------------------------- the report
 
 
@@ -494,6 +599,15 @@ def data_table(stats: dict[str, dict], preference: bool = False) -> str:
     return "\n".join(lines)
 
 
+def padding_lines(prepared: PreparedData, config: RunConfig) -> list[str]:
+    """padding_report's lines for a prepared job (none when streaming: no lengths before training reads the data);
+    the real tokens are the data table's. The lengths are read here, not in prepare_data, so training pays nothing."""
+    if config.data.streaming:
+        return []
+    report = padding_report(padded_lengths(prepared.train), sum(s["tokens"] for s in prepared.stats.values()), config)
+    return report.splitlines()
+
+
 def inspect_data(config: RunConfig, num_samples: int = 3) -> str:
     """A text report: a few formatted samples with loss tokens marked «like this», the end-of-turn check, and each
     source's token share after truncation and mixing."""
@@ -505,7 +619,7 @@ def inspect_data(config: RunConfig, num_samples: int = 3) -> str:
     tokenizer = load_tokenizer(config)
     prepared = prepare_data(config, tokenizer)
     if config.preference:
-        return inspect_pairs(prepared, tokenizer, config.model.name_or_path, num_samples)
+        return inspect_pairs(prepared, tokenizer, config, num_samples)
     end = end_of_turn_token(tokenizer) if any(s.format == "chat" for s in config.data.sources) else None
     end = end or tokenizer.eos_token
     end_id = tokenizer.convert_tokens_to_ids(end) if end else None
@@ -518,13 +632,13 @@ def inspect_data(config: RunConfig, num_samples: int = 3) -> str:
     trained = sum(1 for e in samples if end_id in [label for label in e["labels"] if label != IGNORE_INDEX])
     lines.append(f"end token {end!r} carries loss in {trained}/{len(samples)} sampled examples"
                  + ("" if trained else "  <-- WARNING: the model will not learn to stop"))
-    lines += ["", data_table(prepared.stats)]
+    lines += ["", data_table(prepared.stats), *padding_lines(prepared, config)]
     eval_size = len(prepared.eval) if prepared.eval is not None else 0
     lines.append(f"eval: {eval_size} examples, {len(prepared.eval_pairs)} prompts for the task metric")
     return "\n".join(lines)
 
 
-def inspect_pairs(prepared: PreparedData, tokenizer, model_name: str, num_samples: int) -> str:
+def inspect_pairs(prepared: PreparedData, tokenizer, config: RunConfig, num_samples: int) -> str:
     """inspect-data for preference pairs: the prompt as the model sees it, then each answer with its scored tokens
     marked «like this» (every answer token is scored, no prompt token), token counts, the end-token check."""
     from itertools import islice
@@ -534,7 +648,7 @@ def inspect_pairs(prepared: PreparedData, tokenizer, model_name: str, num_sample
     end_of_turn = end_of_turn_token(tokenizer) if tokenizer.chat_template is not None else None
     ends = {token for token in (tokenizer.eos_token, end_of_turn) if token}  # string rows end with eos
     end_ids = {tokenizer.convert_tokens_to_ids(token) for token in ends}
-    lines = [f"tokenizer: {model_name}  (eos={tokenizer.eos_token!r}, bos={tokenizer.bos_token!r}, "
+    lines = [f"tokenizer: {config.model.name_or_path}  (eos={tokenizer.eos_token!r}, bos={tokenizer.bos_token!r}, "
              f"end of turn={end_of_turn!r})", ""]
     samples = list(islice(iter(prepared.train), 200))
     for number, pair in enumerate(samples[:num_samples]):
@@ -548,7 +662,7 @@ def inspect_pairs(prepared: PreparedData, tokenizer, model_name: str, num_sample
     names = " or ".join(repr(token) for token in sorted(ends))
     lines.append(f"end token {names} is scored in both answers of {ended}/{len(samples)} sampled pairs"
                  + ("" if ended else "  <-- WARNING: the model will not learn to stop"))
-    lines += ["", data_table(prepared.stats, preference=True)]
+    lines += ["", data_table(prepared.stats, preference=True), *padding_lines(prepared, config)]
     eval_size = len(prepared.eval) if prepared.eval is not None else 0
     lines.append(f"eval: {eval_size} pairs, {len(prepared.eval_pairs)} prompts for the task metric")
     return "\n".join(lines)

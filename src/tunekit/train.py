@@ -130,7 +130,8 @@ def build_trainer(config: RunConfig, args, model, tokenizer, data, resume_from: 
         trainer = build_preference_trainer(config, args, model, tokenizer, data, callbacks)
     else:
         trainer = TunekitTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                                 processing_class=tokenizer, callbacks=callbacks)
+                                 processing_class=tokenizer, callbacks=callbacks,
+                                 token_metrics=config.logging.token_metrics)
     keep_checkpointing_kwargs(trainer)  # TRL switches PEFT + ZeRO-3 to reentrant checkpointing; ours is non-reentrant
     # Callbacks that measure at an evaluation (forgetting, rank spectrum) have a `log` slot: their values go through
     # Trainer.log, the one way into both log_history and the trackers (see callbacks.PeakMemoryLog).
