@@ -457,7 +457,7 @@ def encode(examples: list[list[tuple[str, bool]]], tokenizer, max_seq_len: int, 
     columns = {"input_ids": [], "labels": [], "tokens_cut": [], "loss_tokens": [], "prompt_tokens": []}
     next_piece = 0
     for pieces in examples:
-        prepend_bos = bool(bos) and not (pieces and pieces[0][0].startswith(bos))
+        prepend_bos = needs_bos(pieces[0][0] if pieces else "", bos)
         input_ids: list[int] = [bos_id] if prepend_bos else []
         labels: list[int] = [IGNORE_INDEX] if prepend_bos else []
         for _, carries_loss in pieces:
@@ -474,6 +474,12 @@ def encode(examples: list[list[tuple[str, bool]]], tokenizer, max_seq_len: int, 
         columns["loss_tokens"].append(loss_tokens)
         columns["prompt_tokens"].append(len(labels) - loss_tokens - prepend_bos)
     return columns
+
+
+def needs_bos(first_text: str, bos: str | None) -> bool:
+    """Whether a bos token goes before an example starting with `first_text`: the tokenizer has one and the text does
+    not already start with it (chat templates usually write it themselves)."""
+    return bool(bos) and not first_text.startswith(bos)
 
 
 def encode_pairs(pairs: list[tuple[list[str], list[str], list[str]]], tokenizer, max_seq_len: int) -> dict:
@@ -493,7 +499,7 @@ def encode_pairs(pairs: list[tuple[list[str], list[str], list[str]]], tokenizer,
     for prompt, chosen, rejected in pairs:
         prompt_ids, chosen_ids, rejected_ids = ([token for _ in part for token in next(piece_ids)]
                                                 for part in (prompt, chosen, rejected))
-        prepend_bos = bool(bos) and not (prompt and prompt[0].startswith(bos))
+        prepend_bos = needs_bos(prompt[0] if prompt else "", bos)
         prompt_ids = ([bos_id] if prepend_bos else []) + prompt_ids
         full = 2 * len(prompt_ids) + len(chosen_ids) + len(rejected_ids)
         room = max(0, max_seq_len - len(prompt_ids))

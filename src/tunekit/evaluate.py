@@ -68,6 +68,13 @@ def distributed_completions(model, tokenizer, prompts: Sequence[str], max_new_to
                             batch_size: int = 16) -> list[str]:
     """generate_completions of every prompt, each rank generating only its `shard`; every rank returns all of them,
     in order. Collective under a process group: every rank must call it with the same prompts."""
+    return across_ranks(prompts, lambda mine: generate_completions(model, tokenizer, mine, max_new_tokens, batch_size))
+
+
+def across_ranks(items: Sequence[T], work) -> list:
+    """work(this rank's `shard` of items) -> one result per item of the shard; every rank returns the results of all
+    items, in order (one process: work(items)). Collective under a process group: every rank must call it with the
+    same items, and `work` runs the same number of steps on every rank (shard pads the last blocks)."""
     from tunekit.distributed import gather_object, is_distributed
 
     rank, world = 0, 1
@@ -75,8 +82,7 @@ def distributed_completions(model, tokenizer, prompts: Sequence[str], max_new_to
         import torch.distributed as dist
 
         rank, world = dist.get_rank(), dist.get_world_size()
-    mine = generate_completions(model, tokenizer, shard(prompts, rank, world), max_new_tokens, batch_size)
-    return unshard(gather_object(mine), len(prompts))
+    return unshard(gather_object(work(shard(items, rank, world))), len(items))
 
 
 def exact_match(model, tokenizer, pairs: Sequence[tuple[str, str]], max_new_tokens: int = 32,

@@ -18,11 +18,12 @@ from __future__ import annotations
 import torch
 from trl import DPOTrainer
 
+from tunekit.backends.deepspeed import local_param_fraction
 from tunekit.callbacks import PeakMemoryLog
 from tunekit.config import RunConfig
+from tunekit.data import IGNORE_INDEX
+from tunekit.prepare import PAIR_COLUMNS
 
-PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]  # the data pipeline's contract (prepare.py)
-IGNORE_INDEX = -100
 # summary.json keys of a preference run (summary_fields), in the order the summary prints them.
 PREFERENCE_KEYS = ("preference_pairs_scored", "preference_accuracy_before", "preference_accuracy_after",
                    "reward_margin_after", "reward_accuracy_after")
@@ -131,31 +132,28 @@ def pair_logps(model, dataset, batch_size: int) -> tuple[torch.Tensor, torch.Ten
     of forwards, which ZeRO-3 needs; call it inside `layer_by_layer`) and every rank returns all n scores, in order.
     Each forward holds [2 * batch_size, longest sequence, vocabulary] logits.
     """
-    from tunekit.distributed import gather_object, is_distributed
-    from tunekit.evaluate import shard, unshard
+    from tunekit.evaluate import across_ranks
 
     rows = [(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) for row in dataset]
-    rank, world = 0, 1
-    if is_distributed():
-        import torch.distributed as dist
-
-        rank, world = dist.get_rank(), dist.get_world_size()
-    mine = shard(rows, rank, world)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    scores: list[tuple[float, float]] = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(mine), batch_size):
-                chunk = mine[start:start + batch_size]
-                chosen = [(p, c) for p, c, _ in chunk]
-                rejected = [(p, r) for p, _, r in chunk]
-                summed = _answer_logps(model, chosen + rejected, device)  # [2b]: chosen rows, then rejected
-                scores += list(zip(summed[:len(chunk)].tolist(), summed[len(chunk):].tolist()))
-    finally:
-        model.train(was_training)
-    every = unshard(gather_object(scores), len(rows))
+
+    def score(mine: list) -> list[tuple[float, float]]:
+        was_training = model.training
+        model.eval()
+        scores: list[tuple[float, float]] = []
+        try:
+            with torch.no_grad():
+                for start in range(0, len(mine), batch_size):
+                    chunk = mine[start:start + batch_size]
+                    chosen = [(p, c) for p, c, _ in chunk]
+                    rejected = [(p, r) for p, _, r in chunk]
+                    summed = _answer_logps(model, chosen + rejected, device)  # [2b]: chosen rows, then rejected
+                    scores += list(zip(summed[:len(chunk)].tolist(), summed[len(chunk):].tolist()))
+        finally:
+            model.train(was_training)
+        return scores
+
+    every = across_ranks(rows, score)
     return (torch.tensor([c for c, _ in every], dtype=torch.float32),
             torch.tensor([r for _, r in every], dtype=torch.float32))
 
@@ -219,8 +217,7 @@ def summary_fields(config: RunConfig, trainer, before, after) -> dict:
                       reward_margin_after=beta * (chosen_reward - rejected_reward).mean().item(),
                       reward_accuracy_after=preference_accuracy(chosen_reward, rejected_reward))
     reference = getattr(trainer, "ref_model", None)
-    params = list(reference.parameters()) if reference is not None else []
-    if params and all(hasattr(p, "ds_tensor") for p in params):
-        local = sum(p.ds_tensor.numel() for p in params)
-        fields["reference_local_param_fraction"] = round(local / sum(p.ds_numel for p in params), 4)
+    fraction = local_param_fraction(reference) if reference is not None else None
+    if fraction is not None:
+        fields["reference_local_param_fraction"] = fraction
     return fields

@@ -562,8 +562,9 @@ def padding_report(lengths, real_tokens: int, config: RunConfig) -> str:
         return ""
     batch, max_len = config.training.per_device_train_batch_size, config.data.max_seq_len
     if config.data.packing:
-        if int(np.sum(lengths)) > PACK_COUNT_MAX_TOKENS:  # TRL's packing pass would hold a byte per token here
-            rows, how = -(-int(np.sum(lengths)) // max_len), "at most "  # ceil: no packing fills rows better
+        total = int(np.sum(lengths))
+        if total > PACK_COUNT_MAX_TOKENS:  # TRL's packing pass would hold a byte per token here
+            rows, how = -(-total // max_len), "at most "  # ceil: no packing fills rows better
         else:
             rows, how = packed_rows(lengths, max_len), ""
         return (f"packing: {len(lengths):,} examples in {'at least ' if how else ''}{rows:,} rows of {max_len} "

@@ -156,8 +156,16 @@ def summary_fields(config: RunConfig, trainer) -> dict:
         return {}
     stage = int(ds.config["zero_optimization"]["stage"])
     fields: dict = {"zero_stage": stage}
-    params = list(trainer.model.parameters())
-    if stage == 3 and params and all(hasattr(p, "ds_tensor") for p in params):
-        local = sum(p.ds_tensor.numel() for p in params)
-        fields["zero3_local_param_fraction"] = round(local / sum(p.ds_numel for p in params), 4)
+    fraction = local_param_fraction(trainer.model) if stage == 3 else None
+    if fraction is not None:
+        fields["zero3_local_param_fraction"] = fraction
     return fields
+
+
+def local_param_fraction(model) -> float | None:
+    """sum(this rank's ZeRO-3 shard sizes) / sum(full sizes) of `model`'s parameters, to 4 decimals; None when they
+    are not ZeRO-3 partitioned (no ds_tensor)."""
+    params = list(model.parameters())
+    if not params or not all(hasattr(p, "ds_tensor") for p in params):
+        return None
+    return round(sum(p.ds_tensor.numel() for p in params) / sum(p.ds_numel for p in params), 4)
