@@ -105,7 +105,7 @@ def run_section(workdir: Path, repeats: int, threads: int) -> Section:
                "rank 0 peak (MB)", "measured / estimated", "beyond the runtime: est. / measured (MB)",
                "estimate by bucket (MB)"], rows),
         "",
-        f"- goal (measured within ±20% of the estimate, shipped configs): "
+        "- goal (measured within ±20% of the estimate, shipped configs): "
         + ("met" if within else "NOT met") + f" ({', '.join(fmt(r) for r in method_ratios)}).",
         f"- runtime baseline: a process that has only imported what `tunekit train` imports (torch, transformers, "
         f"trl, peft, datasets, deepspeed, bitsandbytes) holds {mb(runtime_rss)} MB; the estimate's constant "

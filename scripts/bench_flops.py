@@ -18,12 +18,11 @@ tokens/s (step 1 left out). MFU = achieved / peak at the same thread count.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from bench_common import (
-    PYTHON, TINY_BASE, Section, child_env, fmt, main_for, median, progress, run_child, table, tunekit_cmd,
+    TINY_BASE, Section, child_env, json_child, main_for, median, progress, run_child, table, tunekit_cmd,
 )
 
 CONFIG = "configs/tiny-full-zero3.yaml"
@@ -113,8 +112,7 @@ CHILDREN = {"matmul": lambda a: matmul_child(int(a[0])), "build": lambda a: buil
 
 
 def child(workdir: Path, name: str, kind: str, args: list[str], threads: int) -> dict:
-    run = run_child([PYTHON, __file__, "--child", kind, *args], child_env(threads), workdir / f"{name}.log")
-    return json.loads(run.log_path.read_text().split("CHILD_RESULT")[-1].strip().splitlines()[0])
+    return json_child(__file__, kind, args, child_env(threads), workdir / f"{name}.log")
 
 
 # ---------------------------------------------------------------- the section
@@ -188,11 +186,7 @@ def run_section(workdir: Path, repeats: int, threads: int) -> Section:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--child"]:
-        print("CHILD_RESULT " + json.dumps(CHILDREN[argv[1]](argv[2:])))
-        return 0
-    return main_for(run_section, __doc__.splitlines()[0], DEFAULT_REPEATS, argv)
+    return main_for(run_section, __doc__.splitlines()[0], DEFAULT_REPEATS, argv, CHILDREN)
 
 
 if __name__ == "__main__":

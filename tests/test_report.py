@@ -1,7 +1,11 @@
 """Run report: plots and report.md from a synthetic log history, with and without optional sections."""
 
+import sys
+
+import pytest
+
 from tunekit.forgetting import forgetting_flag
-from tunekit.report import format_value, loss_curve, metric_curve, write_report
+from tunekit.report import format_value, loss_curve, metric_curve, start_plotter, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -100,3 +104,23 @@ def test_value_formatting():
     assert format_value("train_samples_per_second", 12.3456) == "12.35"
     assert format_value("steps", 1200) == "1,200"
     assert format_value("output_dir", "runs/a") == "`runs/a`"
+
+
+def test_plots_are_drawn_outside_the_training_process(tmp_path):
+    """matplotlib never enters the training process (it raised the run's peak memory): the plots come from
+    start_plotter's child, started early and handed the job at the end; a child handed no job exits quietly."""
+    loaded_before = "matplotlib.pyplot" in sys.modules
+    plotter = start_plotter()
+    path = write_report(tmp_path, SUMMARY, synthetic_log_history(with_memory=True), plotter=plotter)
+    assert plotter.returncode == 0
+    for name in ("loss.png", "lr.png", "memory.png"):
+        assert_png(tmp_path / name)
+    assert "![memory](memory.png)" in path.read_text()
+    assert ("matplotlib.pyplot" in sys.modules) == loaded_before
+    idle = start_plotter()
+    assert idle.communicate("")[1] == "" and idle.returncode == 0
+
+
+def test_a_failing_plot_child_is_reported(tmp_path):
+    with pytest.raises(RuntimeError, match="drawing the plots"):
+        write_report(tmp_path, SUMMARY, [{"step": 1, "loss": "not a number"}, {"step": 2, "loss": 1.0}])

@@ -15,6 +15,7 @@ import resource
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -68,6 +69,27 @@ class PeakMemoryLog:
         super().log(logs, start_time)
 
 
+@contextmanager
+def loss_positions_only():
+    """TRL's fused LM head (trl 1.16) projects only the positions that carry loss on Triton devices, and every
+    position elsewhere: on a compiling backend (Neuron) a varying row count would recompile the kernel every batch.
+    Eager CPU compiles nothing, so let it score loss positions only too. With completion-only loss most positions are
+    prompt or padding (85% of the demo data's slots) and the head was a quarter of a tiny model's CPU step. Each
+    position's log-prob is computed by the same tiles either way; only float summation order in the head's weight
+    gradient can differ (tests/test_performance.py). A TRL without this switch keeps its own behaviour."""
+    import trl.trainer.utils as trl_utils
+
+    use_triton = getattr(trl_utils, "_use_triton", None)
+    if use_triton is None:
+        yield
+        return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or use_triton(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = use_triton
+
+
 class TunekitTrainer(PeakMemoryLog, SFTTrainer):
     """TRL's SFTTrainer with `peak_memory_bytes` in every logged entry (PeakMemoryLog) and TRL's per-step token
     metrics opt-in (`token_metrics`, from logging.token_metrics).
@@ -77,10 +99,14 @@ class TunekitTrainer(PeakMemoryLog, SFTTrainer):
     in a `.item()` host sync. The loss is TRL's plain-path formula, term for term, so what trains is the same
     (tests/test_performance.py). Any other loss path TRL has (compute_loss_func, label smoothing, a non-nll
     loss_type, Ulysses sequence parallelism) keeps TRL's own compute_loss and its metrics.
+
+    Either way the fused head scores only the positions that carry loss (`loss_positions_only`), and the Trainer's
+    FLOP count takes the parameter count once (`floating_point_ops`).
     """
 
     def __init__(self, *args, token_metrics: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self._flop_parameters: int | None = None  # floating_point_ops
         parallelism = getattr(self.accelerator, "parallelism_config", None)
         self.token_metrics = token_metrics or not (
             self.compute_loss_func is None and self.label_smoother is None and self.args.loss_type == "nll"
@@ -93,7 +119,22 @@ class TunekitTrainer(PeakMemoryLog, SFTTrainer):
             # log_probs only: the new forward takes every fused call and hands any other (generation) to TRL's.
             add_fused_lm_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
 
+    def floating_point_ops(self, inputs) -> int:
+        """The Trainer's total_flos term, as it computes it (6 x input tokens x non-embedding parameters), with the
+        parameter count taken once: the Trainer's walks every parameter on every step (2 ms of a 70 ms tiny step)
+        and the count does not change during a run."""
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._flop_parameters is None:
+            self._flop_parameters = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._flop_parameters
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with loss_positions_only():
+            return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.token_metrics:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # TRL's plain path (SFTTrainer.compute_loss, trl 1.16) without its metrics.

@@ -3,11 +3,15 @@
 `write_report` takes what the train recipe already has — the summary dict, the Trainer's `state.log_history`, the
 rank-spectrum history and the forgetting verdict — and writes `loss.png`, `lr.png`, `memory.png` (when memory was
 logged), `spectrum.png` (LoRA runs) and `report.md`. Every section is optional: a full fine-tuning run has no
-spectrum, a run without eval has no eval curve. matplotlib is imported inside the plotting code (Agg, no display).
+spectrum, a run without eval has no eval curve. The plots are drawn by a child interpreter (draw_plots): matplotlib
+(Agg, no display) never enters the training process.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -115,17 +119,24 @@ def _plot_panels(path: Path, panels: list[tuple]) -> Path | None:
     return path
 
 
-def _plot_spectrum(path: Path, last_spectra: dict[str, list[float]], spectra_history: Sequence[dict] | None) -> Path | None:
-    """Left: singular values by index per layer type at the last eval (mean over modules, min–max band, log y).
-    Right: effective rank / r per layer type over the evaluations, with the verdict thresholds."""
+def spectrum_plot_data(last_spectra: dict[str, list[float]] | None) -> dict | None:
+    """What the spectrum plot draws, from `RankSpectrumCallback.last_spectra`: each layer type's singular values
+    (one list per module) and the verdict thresholds. Computed in the training process, which has tunekit.spectrum
+    (torch) imported already; the plotting child then needs neither."""
     from tunekit.spectrum import COLLAPSED_FRACTION, FLAT_FRACTION, layer_type
 
     groups: dict[str, list[list[float]]] = {}
-    for name, values in last_spectra.items():
+    for name, values in (last_spectra or {}).items():
         if any(values):  # adapters still at init (B = 0) have nothing to show on a log scale
             groups.setdefault(layer_type(name), []).append(list(values))
-    if not groups:
-        return None
+    return {"groups": groups, "collapsed": COLLAPSED_FRACTION, "flat": FLAT_FRACTION} if groups else None
+
+
+def _plot_spectrum(path: Path, spectrum: dict, spectra_history: Sequence[dict] | None) -> Path:
+    """Left: singular values by index per layer type at the last eval (mean over modules, min–max band, log y).
+    Right: effective rank / r per layer type over the evaluations, with the verdict thresholds.
+    spectrum: spectrum_plot_data's dict."""
+    groups = spectrum["groups"]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,8 +159,8 @@ def _plot_spectrum(path: Path, last_spectra: dict[str, list[float]], spectra_his
                   if kind in entry["summary"]]
         steps, fractions = zip(*points)
         right.plot(steps, fractions, marker="o", markersize=3, label=kind)
-    right.axhline(COLLAPSED_FRACTION, linestyle="--", color="gray")
-    right.axhline(FLAT_FRACTION, linestyle="--", color="gray")
+    right.axhline(spectrum["collapsed"], linestyle="--", color="gray")
+    right.axhline(spectrum["flat"], linestyle="--", color="gray")
     right.set(title="effective rank / r (dashed: collapsed, flat)", xlabel="step", ylabel="fraction of r", ylim=(0, 1.05))
     right.grid(alpha=0.3)
     if spectra_history:
@@ -160,9 +171,33 @@ def _plot_spectrum(path: Path, last_spectra: dict[str, list[float]], spectra_his
     return path
 
 
+def start_plotter() -> subprocess.Popen:
+    """The child interpreter that draws a run's plots (`python -m tunekit.report`, see draw_plots). Started early by
+    the train recipe, its matplotlib import (~0.4 s) runs beside the training process's start-up; it then waits for
+    one job on stdin (none: it exits)."""
+    return subprocess.Popen([sys.executable, "-m", "tunekit.report"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def draw_plots(output_dir: Path, log_history: Sequence[dict], spectra_history: Sequence[dict] | None = None,
+               last_spectra: dict | None = None, forgetting: dict | None = None,
+               plotter: subprocess.Popen | None = None) -> list[Path]:
+    """write_plots in a child interpreter (`plotter`, or one started now), the data as JSON on its stdin, so matplotlib
+    never enters the training process: importing it and drawing were the last thing to raise the run's peak resident
+    memory (+20 MB on the tiny base, after training). Returns the paths written, in PLOT_NAMES order."""
+    plotter = plotter or start_plotter()
+    job = {"output_dir": str(output_dir), "log_history": list(log_history), "spectra_history": spectra_history,
+           "spectrum": spectrum_plot_data(last_spectra), "forgetting": forgetting}
+    _, errors = plotter.communicate(json.dumps(job))  # the log history is JSON already (trainer_state.json)
+    if plotter.returncode != 0:
+        raise RuntimeError(f"drawing the plots in {output_dir} failed:\n{errors[-3000:]}")
+    return [output_dir / name for name in PLOT_NAMES if (output_dir / name).exists()]  # write_plots removed stale ones
+
+
 def write_plots(output_dir: Path, log_history: Sequence[dict], spectra_history: Sequence[dict] | None = None,
-                last_spectra: dict | None = None, forgetting: dict | None = None) -> list[Path]:
-    """Write whichever of loss.png, lr.png, memory.png, spectrum.png have data; returns the paths written."""
+                spectrum: dict | None = None, forgetting: dict | None = None) -> list[Path]:
+    """Write whichever of loss.png, lr.png, memory.png, preference.png, spectrum.png have data; returns the paths
+    written. spectrum: spectrum_plot_data's dict."""
     base = forgetting.get("base_loss") if forgetting else None
     plots = [
         _plot_lines(
@@ -188,8 +223,8 @@ def write_plots(output_dir: Path, log_history: Sequence[dict], spectra_history: 
             "train": metric_curve(log_history, "rewards/accuracies"),
             "eval": metric_curve(log_history, "eval_rewards/accuracies")}, None, False),
     ]))
-    if last_spectra:
-        plots.append(_plot_spectrum(output_dir / "spectrum.png", last_spectra, spectra_history))
+    if spectrum:
+        plots.append(_plot_spectrum(output_dir / "spectrum.png", spectrum, spectra_history))
     written = [path for path in plots if path is not None]
     for name in PLOT_NAMES:  # a plot from an earlier report whose data is gone now would mislead
         if output_dir / name not in written:
@@ -301,18 +336,18 @@ def _checkpoints_section(summary: dict) -> list[str]:
 
 def write_report(output_dir: str | Path, summary: dict, log_history: Sequence[dict],
                  spectra_history: Sequence[dict] | None = None, last_spectra: dict | None = None,
-                 forgetting: dict | None = None) -> Path:
+                 forgetting: dict | None = None, plotter: subprocess.Popen | None = None) -> Path:
     """Write the plots and `report.md` into `output_dir` (created if missing); returns the report.md path.
 
     summary: the run's summary dict (method, losses, *_bytes, *_seconds, kept_checkpoints, best_checkpoint, ...).
     log_history: the Trainer's `state.log_history` (entries with "step" and "loss", "eval_loss", "learning_rate",
     "eval_general_loss", "memory_bytes"/"peak_memory_bytes" as they occur). spectra_history / last_spectra: from
     `RankSpectrumCallback` (history / last_spectra). forgetting: `forgetting_flag(...)`'s dict. Rewriting is harmless:
-    every file is replaced.
+    every file is replaced. plotter: start_plotter's child, when the caller started one early.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    plots = write_plots(output_dir, log_history, spectra_history, last_spectra, forgetting)
+    plots = draw_plots(output_dir, log_history, spectra_history, last_spectra, forgetting, plotter)
     method = summary.get("method")
     title = f"# Training report: {method} — `{output_dir}`" if method else f"# Training report — `{output_dir}`"
     lines = [title, ""]
@@ -328,3 +363,15 @@ def write_report(output_dir: str | Path, summary: dict, log_history: Sequence[di
     path = output_dir / "report.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path
+
+
+if __name__ == "__main__":  # start_plotter's child: load matplotlib now, then draw one job from stdin
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401  (imported while the training process starts up)
+
+    text = sys.stdin.read()
+    if text:  # nothing: the run ended without a report (an error, a stop signal)
+        job = json.loads(text)
+        write_plots(Path(job.pop("output_dir")), **job)

@@ -25,6 +25,7 @@ from tunekit.errors import UserError
 from tunekit.preference import PREFERENCE_KEYS, build_preference_trainer, held_out_logps
 from tunekit.preference import summary_fields as preference_fields
 from tunekit.prepare import prepare_data
+from tunekit.report import start_plotter, write_report
 
 # method -> function(config, tokenizer) -> model ready to train. QLoRA is LoRA with a 4-bit base.
 BACKENDS = {"full": full.build_model, "lora": lora.build_model, "qlora": lora.build_model}
@@ -51,6 +52,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: str | None = None,
     model.config.use_cache = False  # no KV cache in training; without one, packed rows get per-example attention
     if args.process_index == 0:
         rundir.create(as_written, resolve_settings(config, args, model), overwrite, resume)
+    plotter = start_plotter() if args.process_index == 0 else None  # matplotlib loads in its own process, meanwhile
     check_shared_output_dir(config.output_dir)  # every rank sees rank 0's output_dir, or every rank refuses
     metric_before = task_metric(model, tokenizer, data, config)  # base weights, before any DeepSpeed engine
     pairs_before = held_out_logps(model, data, config)  # dpo/orpo: the base's (reference's) held-out log-probs
@@ -66,7 +68,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: str | None = None,
                         pairs)
     if trainer.is_world_process_zero():
         rundir.write_json(Path(config.output_dir) / "summary.json", summary)
-        write_run_report(config, trainer, summary)
+        write_run_report(config, trainer, summary, plotter)
         print_summary(summary)
     return summary
 
@@ -238,8 +240,7 @@ def summarize(config: RunConfig, trainer, data, preflight, metric_before, metric
     return summary
 
 
-def write_run_report(config: RunConfig, trainer, summary: dict) -> None:
-    from tunekit.report import write_report
+def write_run_report(config: RunConfig, trainer, summary: dict, plotter=None) -> None:
     from tunekit.forgetting import ForgettingCallback
     from tunekit.spectrum import RankSpectrumCallback
 
@@ -249,7 +250,7 @@ def write_run_report(config: RunConfig, trainer, summary: dict) -> None:
             extras.update(spectra_history=callback.history, last_spectra=callback.last_spectra)
         if isinstance(callback, ForgettingCallback):
             extras["forgetting"] = callback.result()
-    write_report(config.output_dir, summary, trainer.state.log_history, **extras)
+    write_report(config.output_dir, summary, trainer.state.log_history, plotter=plotter, **extras)
 
 
 def print_summary(summary: dict) -> None:
