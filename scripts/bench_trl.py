@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from bench_common import (
-    PYTHON, ROOT, THROUGHPUT_GOAL, TUNEKIT_LEAN, Section, child_env, fmt, goal, main_for, median, progress, ratio, run_child, spread,
-    table, tunekit_cmd,
+    PYTHON, ROOT, THROUGHPUT_GOAL, TUNEKIT_LEAN, Section, child_env, fmt, goal, main_for, median, progress, ratio,
+    run_child, spread, table, tunekit_cmd,
 )
 
 CONFIG = "configs/tiny-lora.yaml"
@@ -82,30 +82,30 @@ def run_section(workdir: Path, repeats: int, threads: int) -> Section:
         return [get(run, result) for run, result in runs[name]]
 
     metrics = [
-        ("tokens/s, whole run (non-pad tokens / train_runtime)", lambda r, s: r.tokens_per_s(), True),
-        ("tokens/s, steady state (after step 1)", lambda r, s: r.steady_tokens_per_s(), True),
-        ("time to first step (s, process start -> step 1 logged)", lambda r, s: r.first_step_s, False),
-        ("wall time (s, process start -> exit)", lambda r, s: r.wall_s, False),
-        ("peak RSS (MB)", lambda r, s: r.peak_rss_bytes / 1e6, False),
-        ("train loss, last logged step", lambda r, s: r.train_logs()[-1]["loss"] if r.train_logs() else None, False),
+        ("tokens/s, whole run (non-pad tokens / train_runtime)", lambda r, s: r.tokens_per_s()),
+        ("tokens/s, steady state (after step 1)", lambda r, s: r.steady_tokens_per_s()),
+        ("time to first step (s, process start -> step 1 logged)", lambda r, s: r.first_step_s),
+        ("wall time (s, process start -> exit)", lambda r, s: r.wall_s),
+        ("peak RSS (MB)", lambda r, s: r.peak_rss_bytes / 1e6),
+        ("train loss, last logged step", lambda r, s: r.train_logs()[-1]["loss"] if r.train_logs() else None),
     ]
-    rows, verdicts = [], []
-    for label, get, higher_is_better in metrics:
+    rows, ratios = [], []  # ratios: each metric's median paired ratio, in metrics' order
+    for label, get in metrics:
         a, b = metric("tunekit", get), metric("plain", get)
         pair_ratios = [ratio(x, y) for x, y in zip(a, b)]
         rows.append([label, median(a), median(b), median(pair_ratios), spread(pair_ratios)])
-        verdicts.append((label, median(pair_ratios), higher_is_better))
+        ratios.append(median(pair_ratios))
     rows.append(["of which tunekit's pre-flight estimate (s)", preflight_s, "–", "–", ""])
     tokens = metric("tunekit", lambda r, s: s["tokens_seen"]), metric("plain", lambda r, s: s["tokens_seen"])
-    ratios = {label: value for label, value, _ in verdicts}
+    throughput, first_step, wall, rss = ratios[0], ratios[2], ratios[3], ratios[4]
     first_step_delta = median(metric("tunekit", lambda r, s: r.first_step_s)) - median(
         metric("plain", lambda r, s: r.first_step_s))
     goals = [
-        goal("step throughput (tokens/s, whole run; median of paired ratios)", verdicts[0][1], THROUGHPUT_GOAL),
-        goal("start-up (time to first step)", ratios[metrics[2][0]], 1.0, higher_is_better=False)
+        goal("step throughput (tokens/s, whole run; median of paired ratios)", throughput, THROUGHPUT_GOAL),
+        goal("start-up (time to first step)", first_step, 1.0, higher_is_better=False)
         + f" ({first_step_delta:+.2f} s, medians)",
-        goal("wall time", ratios[metrics[3][0]], 1.0, higher_is_better=False),
-        goal("peak RSS", ratios[metrics[4][0]], 1.0, higher_is_better=False),
+        goal("wall time", wall, 1.0, higher_is_better=False),
+        goal("peak RSS", rss, 1.0, higher_is_better=False),
     ]
     body = "\n".join([
         f"{STEPS} LoRA steps on `{config.model.name_or_path}` (r={config.lora.r}, alpha={config.lora.lora_alpha:g}, "
